@@ -1,0 +1,409 @@
+"""Safetensors checkpoints: header parsing, hashing, crash-safe in-place patching, delta files.
+
+A safetensors file is: u64 little-endian header length N, N bytes of JSON header, then the data.
+Header entries are {"dtype", "shape", "data_offsets": [begin, end]} with offsets relative to the
+data start (8 + N); "__metadata__" is an optional string map. Tensors are found only through the
+parsed, validated offsets; nothing assumes alignment, key order or padding.
+
+In-place patching overwrites only the byte ranges of changed tensors (same dtype and shape), so
+its writes are proportional to the projector, never to the checkpoint. It is crash-safe through a
+redo journal: the new bytes are written to `.fastunlearn-journal.tmp`, fsynced, renamed to
+`.fastunlearn-journal` (the commit point), then written into place, and the journal is removed.
+`recover()`, run by every command before it reads a checkpoint, replays a committed journal and
+drops an uncommitted one, so a killed run leaves the old checkpoint or (after replay) the new one.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+JOURNAL = ".fastunlearn-journal"
+JOURNAL_MAGIC = b"FASTUNLEARN-JOURNAL-1\n"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+ITEM_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "C64": 8,
+}
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one stored tensor's bytes are: `file` and absolute byte range [start, end)."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    file: Path
+    length: int  # N, the JSON header's byte length
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] | None
+
+
+def read_header(path: Path) -> Header:
+    """Parse and validate one safetensors file's header; raise UserError naming the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise UserError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise UserError(f"{path}: malformed safetensors file (header length {n} does not fit in {size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: malformed safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: malformed safetensors header (not a JSON object)")
+
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise UserError(f"{path}: malformed safetensors header (__metadata__ is not a string map)")
+
+    data_start = 8 + n
+    tensors = {}
+    for name, entry in header.items():
+        tensors[name] = _tensor_info(path, name, entry, data_start)
+
+    # Data must be covered exactly: sorted ranges contiguous from 0 to the end of the file.
+    cursor = data_start
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start != cursor:
+            kind = "overlap" if info.start < cursor else "hole"
+            raise UserError(f"{path}: malformed safetensors file ({kind} in the data before tensor {info.name!r})")
+        cursor = info.end
+    if cursor != size:
+        raise UserError(
+            f"{path}: truncated or malformed safetensors file (data ends at byte {cursor}, file has {size})"
+        )
+    return Header(path, n, tensors, metadata)
+
+
+def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
+    def bad(why):
+        return UserError(f"{path}: malformed safetensors header (tensor {name!r}: {why})")
+
+    if not isinstance(entry, dict):
+        raise bad("entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise bad("missing dtype")
+    if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**48 for d in shape)):
+        raise bad(f"bad shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and 0 <= o < 2**62 for o in offsets)):
+        raise bad(f"bad data_offsets {offsets!r}")
+    begin, end = offsets
+    if end < begin:
+        raise bad(f"data_offsets {offsets} run backwards")
+    if dtype in ITEM_SIZES:
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * ITEM_SIZES[dtype] != end - begin:
+            raise bad(f"{end - begin} bytes for {dtype} shape {shape}")
+    return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def weight_files(ckpt: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, from the shard index or the single file."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise UserError(f"{ckpt}: not a folder (expected a Hugging Face checkpoint folder)")
+    if not (ckpt / "config.json").is_file():
+        raise UserError(f"{ckpt}: no config.json: not a Hugging Face checkpoint folder")
+    index = ckpt / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index}: malformed shard index ({e.__class__.__name__}: {e})") from None
+        files = []
+        for name in names:
+            if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+                raise UserError(f"{index}: shard {name!r} is not a .safetensors file in the checkpoint folder")
+            if not (ckpt / name).is_file():
+                raise UserError(f"{index}: lists shard {name}, which is missing")
+            files.append(ckpt / name)
+        return files
+    if (ckpt / SINGLE_FILE).is_file():
+        return [ckpt / SINGLE_FILE]
+    if any(p.suffix in PICKLE_SUFFIXES for p in ckpt.iterdir()):
+        raise UserError(
+            f"{ckpt}: holds only pickle weights (.bin/.pt), which fastunlearn refuses to load; "
+            "convert the checkpoint to safetensors first"
+        )
+    raise UserError(f"{ckpt}: no {SINGLE_FILE} or {INDEX_FILE}: not a safetensors checkpoint")
+
+
+def read_checkpoint(ckpt: Path) -> dict[str, TensorInfo]:
+    """All stored tensors of a checkpoint, by stored name, every shard's header validated."""
+    ckpt = Path(ckpt)
+    tensors: dict[str, TensorInfo] = {}
+    for path in weight_files(ckpt):
+        for name, info in read_header(path).tensors.items():
+            if name in tensors:
+                raise UserError(f"{ckpt}: tensor {name!r} is stored twice ({tensors[name].file.name}, {path.name})")
+            tensors[name] = info
+    index = ckpt / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        for name, info in tensors.items():
+            if weight_map.get(name) != info.file.name:
+                raise UserError(f"{index}: says {name!r} is in {weight_map.get(name)}, but it is in {info.file.name}")
+    return tensors
+
+
+def read_bytes(info: TensorInfo) -> bytes:
+    with open(info.file, "rb") as f:
+        f.seek(info.start)
+        data = f.read(info.end - info.start)
+    if len(data) != info.end - info.start:
+        raise UserError(f"{info.file}: truncated while reading {info.name}")
+    return data
+
+
+def bytes_to_tensor(data: bytes, dtype: str, shape) -> torch.Tensor:
+    if dtype not in TORCH_DTYPES:
+        raise UserError(f"stored dtype {dtype} is not supported for projector tensors (F32, F16, BF16 are)")
+    if not data:
+        return torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+    return torch.frombuffer(bytearray(data), dtype=TORCH_DTYPES[dtype]).reshape(shape)
+
+
+def tensor_to_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    return bytes_to_tensor(read_bytes(info), info.dtype, info.shape)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, progress=None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+            if progress is not None:
+                progress.update(len(chunk))
+    return h.hexdigest()
+
+
+def file_stamp(path: Path) -> tuple[int, int, int]:
+    """(size, mtime_ns, inode): changes when another tool rewrites the file."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+# ---------------------------------------------------------------- locking and the redo journal
+
+
+@contextlib.contextmanager
+def locked(ckpt: Path):
+    """Exclusive lock on the checkpoint folder itself (flock on the directory: no file is added)."""
+    fd = os.open(ckpt, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{ckpt}: checkpoint is busy: another fastunlearn job is writing it; retry when it ends") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _encode_journal(writes: list[tuple[str, int, bytes]]) -> bytes:
+    entries = [{"file": rel, "offset": off, "length": len(data)} for rel, off, data in writes]
+    payload = b"".join(data for _, _, data in writes)
+    head = json.dumps({"entries": entries, "payload_sha256": sha256_bytes(payload)}).encode()
+    return JOURNAL_MAGIC + struct.pack("<Q", len(head)) + head + payload
+
+
+def _decode_journal(blob: bytes) -> list[tuple[str, int, bytes]] | None:
+    """The journal's writes, or None when it is not a complete, intact journal."""
+    m = len(JOURNAL_MAGIC)
+    if blob[:m] != JOURNAL_MAGIC or len(blob) < m + 8:
+        return None
+    (n,) = struct.unpack("<Q", blob[m : m + 8])
+    try:
+        head = json.loads(blob[m + 8 : m + 8 + n])
+    except ValueError:
+        return None
+    payload = blob[m + 8 + n :]
+    if sha256_bytes(payload) != head.get("payload_sha256"):
+        return None
+    writes, pos = [], 0
+    for e in head["entries"]:
+        writes.append((e["file"], e["offset"], payload[pos : pos + e["length"]]))
+        pos += e["length"]
+    return writes
+
+
+def _apply_writes(ckpt: Path, writes: list[tuple[str, int, bytes]]) -> None:
+    by_file: dict[str, list[tuple[int, bytes]]] = {}
+    for rel, off, data in writes:
+        by_file.setdefault(rel, []).append((off, data))
+    for rel, ranges in by_file.items():
+        with open(ckpt / rel, "r+b") as f:
+            for off, data in ranges:
+                f.seek(off)
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def recover(ckpt: Path) -> bool:
+    """Finish or drop an interrupted patch. Returns True when a committed journal was replayed."""
+    ckpt = Path(ckpt)
+    journal, tmp = ckpt / JOURNAL, ckpt / (JOURNAL + ".tmp")
+    if not journal.exists() and not tmp.exists():
+        return False
+    if not os.access(ckpt, os.W_OK):
+        raise UserError(f"{ckpt}: an interrupted fastunlearn patch must be finished, but the folder is read-only")
+    with locked(ckpt):
+        replayed = False
+        if journal.exists():
+            writes = _decode_journal(journal.read_bytes())
+            if writes is None:
+                raise UserError(f"{journal}: damaged journal; restore the checkpoint from a copy")
+            _apply_writes(ckpt, writes)
+            replayed = True
+            journal.unlink()
+        if tmp.exists():  # never committed: the checkpoint was not touched
+            tmp.unlink()
+        _fsync_dir(ckpt)
+        return replayed
+
+
+def patch_in_place(ckpt: Path, writes: list[tuple[str, int, bytes]], before_commit=None) -> None:
+    """Overwrite byte ranges (file relative to ckpt, absolute offset, new bytes), crash-safely.
+
+    `before_commit` is called under the lock just before the journal is committed (the job uses it
+    to check that no other tool changed the files since it read them).
+    """
+    ckpt = Path(ckpt)
+    journal, tmp = ckpt / JOURNAL, ckpt / (JOURNAL + ".tmp")
+    with locked(ckpt):
+        if before_commit is not None:
+            before_commit()
+        with open(tmp, "wb") as f:
+            f.write(_encode_journal(writes))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, journal)  # commit point
+        _fsync_dir(ckpt)
+        _apply_writes(ckpt, writes)
+        journal.unlink()
+        _fsync_dir(ckpt)
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """Copy a checkpoint folder to a hidden temporary sibling of `dst`; the caller renames it."""
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(JOURNAL, JOURNAL + ".tmp"))
+    return tmp
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+# ---------------------------------------------------------------- delta files
+
+DELTA_KEY = "fastunlearn_delta"
+
+
+def save_delta(path: Path, changes: list[dict]) -> None:
+    """A delta file: a safetensors file of the new stored values of each changed tensor, plus the
+    sha256 of its bytes before and after in the metadata, so `patch` applies it only to the
+    checkpoint it was made from (and is a no-op on the patched one)."""
+    from safetensors.torch import save
+
+    tensors = {c["name"]: c["new"] for c in changes}
+    guard = {c["name"]: {"before_sha256": c["before_sha256"], "after_sha256": c["after_sha256"]} for c in changes}
+    write_file_atomic(Path(path), save(tensors, metadata={DELTA_KEY: json.dumps(guard, sort_keys=True)}))
+
+
+def load_delta(path: Path) -> list[dict]:
+    header = read_header(path)
+    meta = header.metadata or {}
+    if DELTA_KEY not in meta:
+        raise UserError(f"{path}: not a fastunlearn delta file (no {DELTA_KEY} metadata)")
+    try:
+        guard = json.loads(meta[DELTA_KEY])
+    except ValueError:
+        raise UserError(f"{path}: damaged delta metadata") from None
+    changes = []
+    for name, info in header.tensors.items():
+        if name not in guard:
+            raise UserError(f"{path}: tensor {name!r} has no before/after hashes")
+        data = read_bytes(info)
+        if sha256_bytes(data) != guard[name]["after_sha256"]:
+            raise UserError(f"{path}: tensor {name!r} does not match its recorded hash (damaged delta)")
+        changes.append({"name": name, "dtype": info.dtype, "shape": info.shape, "data": data, **guard[name]})
+    return changes

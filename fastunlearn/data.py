@@ -1,0 +1,123 @@
+"""Forget / retain folders -> validated items.
+
+    DIR/**/*.{png,jpg,jpeg,webp,bmp}   pictures (any depth)
+    DIR/**/*.jsonl                     optional: {"image": "<path relative to the jsonl>",
+                                                  "question": "...", "answer": "..."} a line
+
+An image with QA lines uses them; an image without any gets DEFAULT_QUESTIONS with answer None
+(the job fills in the original model's own greedy answer). Nothing outside DIR is read: image
+paths that escape it (../, absolute paths, symlinks pointing out) are refused.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+DEFAULT_QUESTIONS = ("Who is in this image?", "Describe this image.")
+MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb bound; real photos are far below it
+MAX_JSONL_LINE = 1 << 20
+
+
+@dataclass
+class Item:
+    image: Path | None  # None for a text-only item
+    question: str
+    answer: str | None  # None: use the original model's greedy answer
+    subject: str  # first folder under DIR ("" for files at its top)
+
+
+def _inside(root: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open and fully decode an image as RGB, or raise UserError naming the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise UserError(f"{path}: image too large ({im.width}x{im.height} pixels)")
+                im.load()
+                return im.convert("RGB")
+    except UserError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: unreadable image ({e})") from None
+
+
+def read_folder(folder: Path, role: str = "forget") -> list[Item]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: {role} folder does not exist or is not a folder")
+    root = folder.resolve()
+    images, jsonls = [], []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file():
+            continue
+        if not _inside(root, path):
+            raise UserError(f"{path}: links outside the {role} folder; refusing to read it")
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(path)
+        elif path.suffix.lower() == ".jsonl":
+            jsonls.append(path)
+    if not images:
+        raise UserError(f"{folder}: no images in the {role} folder (expected *.png, *.jpg, *.jpeg, *.webp or *.bmp at any depth)")
+
+    qa: dict[Path, list[tuple[str, str]]] = {}
+    for jsonl in jsonls:
+        for image, question, answer in _read_jsonl(root, jsonl):
+            qa.setdefault(image, []).append((question, answer))
+
+    items = []
+    for image in images:
+        load_image(image)  # validate now: a bad picture fails the job before any work
+        rel = image.relative_to(root)
+        subject = rel.parts[0] if len(rel.parts) > 1 else ""
+        pairs = qa.get(image) or [(q, None) for q in DEFAULT_QUESTIONS]
+        items += [Item(image, q, a, subject) for q, a in pairs]
+    return items
+
+
+def _read_jsonl(root: Path, jsonl: Path):
+    try:
+        raw = jsonl.read_bytes()
+    except OSError as e:
+        raise UserError(f"{jsonl}: cannot read ({e.strerror})") from None
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
+        where = f"{jsonl}:{lineno}"
+        if not line.strip():
+            continue
+        if len(line) > MAX_JSONL_LINE:
+            raise UserError(f"{where}: line longer than {MAX_JSONL_LINE} bytes")
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"{where}: not UTF-8 text") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{where}: expected a JSON object with image, question and answer")
+        for key in ("image", "question", "answer"):
+            if not isinstance(obj.get(key), str) or not obj[key].strip():
+                raise UserError(f"{where}: {key!r} must be a non-empty string")
+        rel = Path(obj["image"])
+        image = (jsonl.parent / rel).resolve()
+        if rel.is_absolute() or not _inside(root, image):
+            raise UserError(f"{where}: image {obj['image']!r} is outside the folder")
+        if not image.is_file():
+            raise UserError(f"{where}: image {obj['image']!r} does not exist")
+        if image.suffix.lower() not in IMAGE_SUFFIXES:
+            raise UserError(f"{where}: {obj['image']!r} is not a picture ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        yield image, obj["question"].strip(), obj["answer"].strip()

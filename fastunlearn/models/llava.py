@@ -1,0 +1,65 @@
+"""LLaVA-1.5 style checkpoints (model_type "llava"): CLIP tower -> Linear, GELU, Linear -> Llama-style LLM.
+
+Stored projector: multi_modal_projector.linear_1.{weight,bias}, multi_modal_projector.linear_2.{weight,bias}.
+Vision features: hidden states of `vision_feature_layer` (an int, or a list concatenated on the
+feature axis), CLS token dropped under the "default" select strategy.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AutoProcessor
+
+from ..errors import UserError
+from ..kernels import projector_mlp
+from . import Adapter
+
+
+class LlavaAdapter(Adapter):
+    family = "llava"
+    model_types = ("llava",)
+    projector_prefix = "multi_modal_projector."
+    answer_separator = " "
+
+    def load_processor(self, ckpt):
+        return AutoProcessor.from_pretrained(ckpt)
+
+    def projector_module(self, model):
+        return model.model.multi_modal_projector
+
+    def check_config(self, config):
+        if config.projector_hidden_act != "gelu":
+            raise UserError(f"projector activation {config.projector_hidden_act!r} is not supported (gelu is)")
+
+    def default_prompt(self, question, with_image):
+        return f"USER: {'<image>' + chr(10) if with_image else ''}{question} ASSISTANT:"
+
+    def n_image_tokens(self, processor, model_config, pixel):
+        # as LlavaProcessor counts them: one per patch, plus the CLS token unless it is dropped
+        height, width = pixel["pixel_values"].shape[-2:]
+        patch = model_config.vision_config.patch_size
+        n = (height // patch) * (width // patch) + getattr(processor, "num_additional_image_tokens", 1)
+        return n - 1 if model_config.vision_feature_select_strategy == "default" else n
+
+    @torch.no_grad()
+    def vision_features(self, model, pixel):
+        config = model.config
+        tower = model.model.vision_tower
+        out = tower(pixel["pixel_values"].to(tower.device, tower.dtype), output_hidden_states=True)
+        layers = config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        hidden = [out.hidden_states[i] for i in layers]
+        if config.vision_feature_select_strategy == "default":
+            hidden = [h[:, 1:] for h in hidden]
+        return torch.cat(hidden, dim=-1)[0]
+
+    def project(self, params, features):
+        return projector_mlp(
+            features, params["linear_1.weight"], params.get("linear_1.bias"),
+            params["linear_2.weight"], params.get("linear_2.bias"),
+        )
+
+    def generate_inputs(self, model, input_ids, pixel):
+        inputs = {"input_ids": input_ids[None], "attention_mask": torch.ones_like(input_ids)[None]}
+        if pixel is not None:
+            inputs["pixel_values"] = pixel["pixel_values"].to(model.device, model.dtype)
+        return inputs

@@ -1,0 +1,125 @@
+"""The audit report: what changed (byte-exact), what it measured, how to reproduce it.
+
+It never holds forgotten content: images, questions, answers and subject folder names appear
+only as sha256 hashes.
+"""
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def describe_items(items) -> dict:
+    images = sorted({it.image for it in items if it.image is not None})
+    return {
+        "items": len(items),
+        "images": len(images),
+        "subjects_sha256": sorted({_sha(it.subject) for it in items if it.subject}),
+        "items_sha256": [
+            {
+                "image": _file_sha(it.image) if it.image is not None else None,
+                "question": _sha(it.question),
+                "answer": _sha(it.answer or ""),
+            }
+            for it in items
+        ],
+    }
+
+
+def environment(device: str) -> dict:
+    import safetensors
+    import transformers
+
+    env = {
+        "fastunlearn": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "device": device,
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.startswith("cuda"):
+        env["device_name"] = torch.cuda.get_device_name()
+    return env
+
+
+def build_report(result: dict, proof: dict, source: Path, forget_dir, retain_dir) -> dict:
+    before, after, expected = proof["before"], proof["after"], proof["expected"]
+    changed_files = sorted({c["file"] for c in result["changes"]})
+    files = [
+        {
+            "name": name,
+            "sha256_before": before[name],
+            "sha256_after": after[name] if after else None,
+            "sha256_expected_after": expected[name],
+            "patched": name in changed_files,
+        }
+        for name in before
+    ]
+    if after is None:
+        all_other_unchanged = None  # dry run: nothing written
+    else:
+        all_other_unchanged = set(after) == set(expected) and all(after[n] == expected[n] for n in expected)
+    return {
+        "fastunlearn_report": 1,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "checkpoint": {
+            "source": str(Path(source).resolve()),
+            "written_to": proof["written_to"],
+            "in_place": proof["written_to"] == str(Path(source).resolve()),
+            "model_type": result["model_type"],
+            "adapter": result["adapter"],
+        },
+        "changed_tensors": [{k: v for k, v in c.items() if k not in ("new", "data")} for c in result["changes"]],
+        "byte_proof": {
+            "method": (
+                "sha256 of every file before the write, the sha256 each must have with only the listed "
+                "byte ranges replaced, and the sha256 after the write; equal expected and after hashes "
+                "prove that no other byte (headers, __metadata__, other tensors, other files) changed"
+            ),
+            "bytes_written": sum(c["byte_range"][1] - c["byte_range"][0] for c in result["changes"]),
+            "all_other_bytes_unchanged": all_other_unchanged,
+        },
+        "files": files,
+        "metrics": result["metrics"],
+        "mask_density": result["mask_density"],
+        "loss_curve": result["losses"],
+        "data": {
+            "forget": {"folder_sha256": _sha(str(Path(forget_dir).resolve())), **describe_items(result["items"]["forget"])},
+            "retain": (
+                {"folder_sha256": _sha(str(Path(retain_dir).resolve())), **describe_items(result["items"]["retain"])}
+                if retain_dir else None
+            ),
+        },
+        "config": result["config"],
+        "reproduce": {
+            "seed": result["config"]["seed"],
+            "note": "same checkpoint, folders, configuration, seed and versions give the same delta on CPU",
+        },
+        "environment": environment(result["device"]),
+        "compute_dtype": result["compute_dtype"],
+        "timing_s": result["phases_s"],
+        "peak_memory_mb": result["peak_memory_mb"],
+    }
