@@ -39,7 +39,7 @@ class Config:
     steps: int = 40
     lr: float = 3e-3
     beta: float = 0.5
-    retain_weight: float = 1.0
+    retain_weight: float = 3.0
     mask: str = "fisher"  # fisher | none
     mask_threshold: float = 1.0
     fisher_samples: int = 64
@@ -117,26 +117,21 @@ def progress(iterable=None, **kw):
 
 
 def read_model_config(ckpt: Path):
+    """config.json, checked against the supported families before transformers parses it."""
     from transformers import AutoConfig
 
+    path = Path(ckpt) / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e.__class__.__name__}: {e})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        raise UserError(f"{path}: no model_type; is this a Hugging Face checkpoint?")
+    adapter_for(raw["model_type"])  # names the supported families when there is no adapter
     try:
         return AutoConfig.from_pretrained(ckpt, trust_remote_code=False)
-    except ValueError as e:
-        model_type = _raw_model_type(ckpt)
-        if model_type is not None:
-            adapter_for(model_type)  # raises the "no adapter" error with the supported list
-        raise UserError(f"{ckpt}/config.json: {str(e).splitlines()[0]}") from None
-    except OSError as e:
-        raise UserError(f"{ckpt}/config.json: cannot read ({e})") from None
-
-
-def _raw_model_type(ckpt: Path):
-    import json
-
-    try:
-        return json.loads((Path(ckpt) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+    except Exception as e:  # transformers raises many types for a config it cannot parse
+        raise UserError(f"{path}: transformers cannot parse it ({str(e).splitlines()[0]})") from None
 
 
 def inspect_checkpoint(ckpt: Path):
@@ -328,6 +323,8 @@ def score(loaded: Loaded, params, batches: list[Batch]) -> dict:
         B = len(batch.lengths)
         nll.append(torch.zeros(B, device=hidden.device).index_add(0, batch.answer_seq, token_nll))
         correct.append(torch.zeros(B, device=hidden.device).index_add(0, batch.answer_seq, wrong) == 0)
+    if not batches:
+        return {"nll": torch.zeros(0), "correct": torch.zeros(0, dtype=torch.bool)}
     return {"nll": torch.cat(nll).cpu(), "correct": torch.cat(correct).cpu()}
 
 

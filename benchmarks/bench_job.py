@@ -1,0 +1,144 @@
+"""End-to-end erasure benchmark: fastunlearn's job against the straightforward baseline
+(benchmarks/baseline.py), same data, same objective, same number of steps, in one run.
+
+    python -m pytest benchmarks/bench_job.py --benchmark-only --benchmark-group-by=group
+
+CPU: the demo LLaVA (synthetic people). CUDA: additionally a LLaVA-1.5-7B-sized model (CLIP-L/336
+tower, Llama-2-7B LLM, vocab 32064) built from its config with random bf16 weights
+(FASTUNLEARN_BENCH_7B_LAYERS overrides its LLM depth, default 32).
+pytest-benchmark prints each row's time relative to the fastest in its group; peak memory and
+the speed-up are in extra_info (and in the --benchmark-json output).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from baseline import run_baseline  # noqa: E402
+
+from fastunlearn import world  # noqa: E402
+from fastunlearn.data import read_folder  # noqa: E402
+from fastunlearn.unlearn import Config, unlearn  # noqa: E402
+
+CPU_STEPS, GPU_STEPS = 40, 10
+RESULTS: dict = {}
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_measured(benchmark, fn, device: torch.device, group_key: str, name: str):
+    """Time `fn` with pytest-benchmark; record the peak memory it adds (GPU: allocated; CPU: RSS)."""
+    peaks = []
+
+    def once():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            base = _rss_mb("VmRSS")
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peaks.append((torch.cuda.max_memory_allocated() - base) / 2**20)
+        else:
+            peaks.append(_rss_mb("VmHWM") - base)
+
+    benchmark.pedantic(once, rounds=2 if device.type == "cpu" else 1, iterations=1)
+    entry = RESULTS.setdefault(group_key, {})
+    entry[name] = {"median_s": benchmark.stats.stats.median, "peak_mb": max(peaks)}
+    benchmark.extra_info.update(peak_memory_mb=round(max(peaks), 1), device=str(device))
+    if "baseline" in entry and name != "baseline":
+        base = entry["baseline"]
+        benchmark.extra_info["speedup_vs_baseline"] = round(base["median_s"] / entry[name]["median_s"], 3)
+        benchmark.extra_info["memory_ratio_vs_baseline"] = round(entry[name]["peak_mb"] / max(base["peak_mb"], 1e-9), 3)
+
+
+@pytest.fixture(scope="module")
+def demo_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-world")
+    forget_people, others = (1, 4), (0, 2, 3, 5, 6, 7)
+    world.write_folder(root / "forget", forget_people, 6, seed=101)
+    world.write_folder(root / "retain", others, 3, seed=202)
+    return world.demo_assets_dir() / "llava-people", root / "forget", root / "retain"
+
+
+VARIANTS = ["baseline", "fastunlearn", "fastunlearn-nomask"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_e2e_cpu_demo_llava(benchmark, demo_world, variant):
+    benchmark.group = "e2e cpu: demo LLaVA, 40 steps"
+    ckpt, forget, retain = demo_world
+    device = torch.device("cpu")
+    cfg = Config(steps=CPU_STEPS, device="cpu", mask="none" if variant.endswith("nomask") else "fisher")
+    if variant == "baseline":
+        items_f, items_r = read_folder(forget), read_folder(retain)
+        fn = lambda: run_baseline(ckpt, items_f, items_r, cfg.steps, cfg.lr, cfg.beta, cfg.batch_size, device)  # noqa: E731
+    else:
+        fn = lambda: unlearn(ckpt, forget, retain, cfg, log=lambda *_: None)  # noqa: E731
+    run_measured(benchmark, fn, device, "cpu", variant)
+
+
+def build_llava_7b(folder: Path, layers: int) -> Path:
+    """A LLaVA-1.5-7B-shaped checkpoint with random bf16 weights, saved with the demo's processor files."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
+    demo = world.demo_assets_dir() / "llava-people"
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(demo)
+    processor.image_processor.size = {"shortest_edge": 336}
+    processor.image_processor.crop_size = {"height": 336, "width": 336}
+    processor.patch_size = 14
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    with torch.device("cuda"):
+        model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llava_7b(tmp_path_factory, demo_world):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: the 7B-sized run is a GPU benchmark")
+    layers = int(os.environ.get("FASTUNLEARN_BENCH_7B_LAYERS", "32"))
+    return build_llava_7b(tmp_path_factory.mktemp("llava7b"), layers), demo_world[1], demo_world[2]
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:2])
+def test_e2e_cuda_llava_7b(benchmark, llava_7b, variant):
+    benchmark.group = "e2e cuda: LLaVA-1.5-7B-sized, 10 steps"
+    ckpt, forget, retain = llava_7b
+    device = torch.device("cuda")
+    cfg = Config(steps=GPU_STEPS, device="cuda", batch_size=8, fisher_samples=8, max_new_tokens=8)
+    if variant == "baseline":
+        items_f, items_r = read_folder(forget), read_folder(retain)
+        for it in items_f + items_r:
+            it.answer = it.answer or "unknown"
+        fn = lambda: run_baseline(ckpt, items_f, items_r, cfg.steps, cfg.lr, cfg.beta, cfg.batch_size, device,  # noqa: E731
+                                  torch.bfloat16)
+    else:
+        fn = lambda: unlearn(ckpt, forget, retain, cfg, log=lambda *_: None)  # noqa: E731
+    run_measured(benchmark, fn, device, "cuda", variant)

@@ -1,0 +1,62 @@
+"""Shared fixtures: real checkpoint folders derived from the shipped demo checkpoints."""
+import shutil
+
+import pytest
+import torch
+
+from fastunlearn import world
+
+ASSETS = {"llava": "llava-people", "qwen2_vl": "qwen2vl-people"}
+FORGET = (1, 4)
+OTHERS = (0, 2, 3, 5, 6, 7)
+
+
+def asset(family):
+    return world.demo_assets_dir() / ASSETS[family]
+
+
+@pytest.fixture(scope="session")
+def variant(tmp_path_factory):
+    """variant(family, dtype, sharded) -> a pristine checkpoint folder, built once per session.
+
+    The weights are re-saved with save_pretrained in the given dtype (and shards); the tokenizer and
+    processor files are the asset's own. Tests copy it before writing to it (see `fresh`)."""
+    from transformers import AutoModelForImageTextToText
+
+    built = {}
+
+    def make(family, dtype=torch.float32, sharded=False):
+        key = (family, dtype, sharded)
+        if key not in built:
+            src = asset(family)
+            if dtype == torch.float32 and not sharded:
+                built[key] = src
+            else:
+                dst = tmp_path_factory.mktemp(f"{family}-{str(dtype)[6:]}-{'sharded' if sharded else 'single'}")
+                for f in src.iterdir():
+                    if not f.name.startswith("model"):
+                        shutil.copy(f, dst / f.name)
+                model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype)
+                model.save_pretrained(dst, max_shard_size="300KB" if sharded else "10GB")
+                built[key] = dst
+        return built[key]
+
+    return make
+
+
+@pytest.fixture
+def fresh(tmp_path):
+    """fresh(src) -> a private copy of a checkpoint folder, safe to patch."""
+    def copy(src, name="ckpt"):
+        return shutil.copytree(src, tmp_path / name)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    """Forget (people 1 and 4), retain (the others) and held-out folders of the synthetic world."""
+    root = tmp_path_factory.mktemp("world")
+    world.write_folder(root / "forget", FORGET, 4, seed=11)
+    world.write_folder(root / "retain", OTHERS, 2, seed=12)
+    world.write_folder(root / "heldout", range(8), 4, seed=13)
+    return root
