@@ -1,5 +1,19 @@
 """Shared fixtures: real checkpoint folders derived from the shipped demo checkpoints."""
+import os
 import shutil
+
+# Triton decides interpreted-vs-compiled when a kernel is defined, and transformers imports
+# triton early: define the kernels under the interpreter before anything else imports triton,
+# then restore the variable. Dispatch reads it at call time, so the suite runs the CPU torch
+# path (the job's real CPU path) except where a test sets TRITON_INTERPRET=1 itself.
+_saved = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+import fastunlearn.kernels  # noqa: E402,F401
+
+if _saved is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _saved
 
 import pytest
 import torch
