@@ -22,6 +22,8 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", default=d.mask, help="fisher (MMUnlearner saliency mask) | none (default fisher)")
     p.add_argument("--mask-threshold", type=float, default=d.mask_threshold,
                    help=f"update where F_forget/F_retain >= this (default {d.mask_threshold})")
+    p.add_argument("--views", type=int, default=d.views,
+                   help=f"augmented variants of each picture to erase and retain too (default {d.views})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per batch (default {d.batch_size})")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda (default auto: cuda when available)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
@@ -31,7 +33,7 @@ def _config(args):
     from .unlearn import Config
 
     return Config(method=args.method, steps=args.steps, lr=args.lr, beta=args.beta, retain_weight=args.retain_weight,
-                  mask=args.mask, mask_threshold=args.mask_threshold, batch_size=args.batch_size, device=args.device,
+                  mask=args.mask, mask_threshold=args.mask_threshold, views=args.views, batch_size=args.batch_size, device=args.device,
                   seed=args.seed)
 
 

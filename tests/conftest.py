@@ -70,7 +70,7 @@ def fresh(tmp_path):
 def folders(tmp_path_factory):
     """Forget (people 1 and 4), retain (the others) and held-out folders of the synthetic world."""
     root = tmp_path_factory.mktemp("world")
-    world.write_folder(root / "forget", FORGET, 4, seed=11)
-    world.write_folder(root / "retain", OTHERS, 2, seed=12)
-    world.write_folder(root / "heldout", range(8), 4, seed=13)
+    world.write_folder(root / "forget", FORGET, 6, seed=11)
+    world.write_folder(root / "retain", OTHERS, 6, seed=12)
+    world.write_folder(root / "heldout", range(8), 8, seed=13)
     return root
