@@ -12,6 +12,7 @@ the speed-up are in extra_info (and in the --benchmark-json output).
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,8 +37,17 @@ def _rss_mb(field: str) -> float:
     return float("nan")
 
 
-def run_measured(benchmark, fn, device: torch.device, group_key: str, name: str):
-    """Time `fn` with pytest-benchmark; record the peak memory it adds (GPU: allocated; CPU: RSS)."""
+def cpu_peak_mb(variant: str, ckpt: Path, forget: Path, retain: Path) -> float:
+    """Peak RSS the job adds, measured in a fresh process (a process that already ran another
+    variant reuses freed heap and would under-report)."""
+    out = subprocess.run([sys.executable, __file__, variant, str(ckpt), str(forget), str(retain)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def run_measured(benchmark, fn, device: torch.device, group_key: str, name: str, cpu_peak=None):
+    """Time `fn` with pytest-benchmark; record the peak memory it adds (GPU: allocated; CPU: RSS,
+    from `cpu_peak`, a separate fresh process)."""
     peaks = []
 
     def once():
@@ -46,24 +56,30 @@ def run_measured(benchmark, fn, device: torch.device, group_key: str, name: str)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-            base = _rss_mb("VmRSS")
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
             peaks.append((torch.cuda.max_memory_allocated() - base) / 2**20)
-        else:
-            peaks.append(_rss_mb("VmHWM") - base)
 
-    benchmark.pedantic(once, rounds=2 if device.type == "cpu" else 1, iterations=1)
+    benchmark.pedantic(once, rounds=5 if device.type == "cpu" else 1, iterations=1)
+    peak = max(peaks) if peaks else cpu_peak()
     entry = RESULTS.setdefault(group_key, {})
-    entry[name] = {"median_s": benchmark.stats.stats.median, "peak_mb": max(peaks)}
-    benchmark.extra_info.update(peak_memory_mb=round(max(peaks), 1), device=str(device))
+    entry[name] = {"median_s": benchmark.stats.stats.median, "peak_mb": peak}
+    benchmark.extra_info.update(peak_memory_mb=round(peak, 1), device=str(device))
     if "baseline" in entry and name != "baseline":
         base = entry["baseline"]
         benchmark.extra_info["speedup_vs_baseline"] = round(base["median_s"] / entry[name]["median_s"], 3)
         benchmark.extra_info["memory_ratio_vs_baseline"] = round(entry[name]["peak_mb"] / max(base["peak_mb"], 1e-9), 3)
+
+
+def cpu_job(variant: str, ckpt, forget, retain):
+    """The work of one CPU variant, as a no-argument function."""
+    cfg = Config(steps=CPU_STEPS, device="cpu", views=0, mask="none" if variant.endswith("nomask") else "fisher")
+    if variant == "baseline":
+        items_f, items_r = read_folder(forget), read_folder(retain)
+        return lambda: run_baseline(ckpt, items_f, items_r, cfg.steps, cfg.lr, cfg.beta, cfg.batch_size,
+                                    torch.device("cpu"))
+    return lambda: unlearn(ckpt, forget, retain, cfg, log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +96,9 @@ VARIANTS = ["baseline", "fastunlearn", "fastunlearn-nomask"]
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_e2e_cpu_demo_llava(benchmark, demo_world, variant):
-    benchmark.group = "e2e cpu: demo LLaVA, 40 steps"
-    ckpt, forget, retain = demo_world
-    device = torch.device("cpu")
-    cfg = Config(steps=CPU_STEPS, device="cpu", mask="none" if variant.endswith("nomask") else "fisher")
-    if variant == "baseline":
-        items_f, items_r = read_folder(forget), read_folder(retain)
-        fn = lambda: run_baseline(ckpt, items_f, items_r, cfg.steps, cfg.lr, cfg.beta, cfg.batch_size, device)  # noqa: E731
-    else:
-        fn = lambda: unlearn(ckpt, forget, retain, cfg, log=lambda *_: None)  # noqa: E731
-    run_measured(benchmark, fn, device, "cpu", variant)
+    benchmark.group = f"e2e cpu: demo LLaVA, {CPU_STEPS} steps"
+    run_measured(benchmark, cpu_job(variant, *demo_world), torch.device("cpu"), "cpu", variant,
+                 cpu_peak=lambda: cpu_peak_mb(variant, *demo_world))
 
 
 def build_llava_7b(folder: Path, layers: int) -> Path:
@@ -132,7 +141,7 @@ def test_e2e_cuda_llava_7b(benchmark, llava_7b, variant):
     benchmark.group = "e2e cuda: LLaVA-1.5-7B-sized, 10 steps"
     ckpt, forget, retain = llava_7b
     device = torch.device("cuda")
-    cfg = Config(steps=GPU_STEPS, device="cuda", batch_size=8, fisher_samples=8, max_new_tokens=8)
+    cfg = Config(steps=GPU_STEPS, device="cuda", views=0, batch_size=8, fisher_samples=8, max_new_tokens=8)
     if variant == "baseline":
         items_f, items_r = read_folder(forget), read_folder(retain)
         for it in items_f + items_r:
@@ -142,3 +151,15 @@ def test_e2e_cuda_llava_7b(benchmark, llava_7b, variant):
     else:
         fn = lambda: unlearn(ckpt, forget, retain, cfg, log=lambda *_: None)  # noqa: E731
     run_measured(benchmark, fn, device, "cuda", variant)
+
+
+if __name__ == "__main__":  # one CPU variant in this fresh process: print the peak RSS it added, in MB
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    variant, ckpt, forget, retain = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+    job = cpu_job(variant, ckpt, forget, retain)
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _rss_mb("VmRSS")
+    job()
+    print(_rss_mb("VmHWM") - before)

@@ -1,0 +1,259 @@
+"""Method comparison on the synthetic people world: fastunlearn's default against GA, GradDiff, NPO
+without the mask, the MMUnlearner-style Fisher mask with GA, and the same methods updating the
+whole model (LLM included). Same data, views, batch size and steps for every method.
+
+    python benchmarks/compare.py [--models llava qwen2_vl] [--forget 1 2] [--steps 100]
+                                 [--workdir build/compare] [--json build/compare/results.json]
+
+Each method runs in a subprocess of its own: its wall time covers the whole job (load, feature
+cache, mask, optimisation) and its peak memory is the subprocess's peak RSS (ru_maxrss, torch and
+transformers imports included, the same for every method). The parent scores every result on the
+same held-out pictures and text facts with fastunlearn.evaluate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastunlearn import evaluate as ev  # noqa: E402
+from fastunlearn import world  # noqa: E402
+from fastunlearn.data import Item, read_folder  # noqa: E402
+from fastunlearn.unlearn import (Config, cache_samples, drop_vision_tower, master_params, open_checkpoint,  # noqa: E402
+                                 unlearn)
+
+CHECKPOINTS = {"llava": "llava-people", "qwen2_vl": "qwen2vl-people"}
+FORGET_PEOPLE = {1: (1,), 2: (1, 4)}  # how many of the 8 people -> which (12.5% and 25%)
+PICTURES = {"forget": (6, 101), "retain": (6, 202), "heldout": (10, 303)}  # (per person, seed), as the demo
+WHOLE_MODEL_LR = 1e-4  # the projector methods use Config's lr; a whole LLM needs a smaller one
+# (label, scope, method, mask)
+METHODS = [
+    ("fastunlearn default (NPO + Fisher mask)", "projector", "npo", "fisher"),
+    ("NPO, no mask", "projector", "npo", "none"),
+    ("GA", "projector", "ga", "none"),
+    ("GradDiff", "projector", "graddiff", "none"),
+    ("Fisher mask + GA (MMUnlearner-style)", "projector", "ga", "fisher"),
+    ("NPO", "whole model", "npo", "none"),
+    ("GA", "whole model", "ga", "none"),
+    ("GradDiff", "whole model", "graddiff", "none"),
+    ("Fisher mask + GA (MMUnlearner-style)", "whole model", "ga", "fisher"),
+]
+
+
+# ---------------------------------------------------------------- one method, in a subprocess
+
+
+def child(spec_path: Path, out_path: Path) -> None:
+    torch.set_num_threads(2)
+    spec = json.loads(spec_path.read_text())
+    cfg = Config(**spec["config"])
+    started = time.perf_counter()
+    if spec["scope"] == "projector":
+        result = unlearn(Path(spec["ckpt"]), Path(spec["forget"]), Path(spec["retain"]), cfg, log=lambda *a: None)
+        out = {"stored": {c["name"]: c["new"] for c in result["changes"]}, "model": {},
+               "mask_density": result["mask_density"]}
+    else:
+        from full_model import run_full_model
+
+        result = run_full_model(Path(spec["ckpt"]), Path(spec["forget"]), Path(spec["retain"]), cfg)
+        out = {"projector": result["projector"], "model": result["model"], "mask_density": result["mask_density"]}
+    out["wall_s"] = time.perf_counter() - started
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    torch.save(out, out_path)
+
+
+def run_method(ckpt, folders, scope, cfg: Config, scratch: Path) -> dict:
+    spec = scratch / "spec.json"
+    out = scratch / "result.pt"
+    spec.write_text(json.dumps({"ckpt": str(ckpt), "forget": str(folders / "forget"), "retain": str(folders / "retain"),
+                                "scope": scope, "config": asdict(cfg)}))
+    subprocess.run([sys.executable, __file__, "--child", str(spec), str(out)], check=True)
+    return torch.load(out)
+
+
+# ---------------------------------------------------------------- the evaluation sets
+
+
+def visual_items(folder: Path, people) -> list[Item]:
+    items = []
+    for i in people:
+        question, answer = world.visual_fact(i)
+        items += [Item(p, question, answer, world.slug(i)) for p in sorted((folder / world.slug(i)).glob("*.png"))]
+    return items
+
+
+def text_items(people) -> list[Item]:
+    return [Item(None, q, a, world.slug(i)) for i, q, a in world.all_text_facts(people)]
+
+
+NAMES = {world.slug(i): person["name"] for i, person in enumerate(world.PEOPLE)}
+
+
+def question_kind(item: Item) -> str:
+    """Questions of the same template share their options (every person's job, every city)."""
+    return item.question.replace(NAMES[item.subject], "{name}")
+
+
+def write_folders(root: Path, forget) -> None:
+    others = [i for i in range(len(world.PEOPLE)) if i not in forget]
+    for name, people in (("forget", forget), ("retain", others), ("heldout", range(len(world.PEOPLE)))):
+        n, seed = PICTURES[name]
+        world.write_folder(root / name, people, n, seed)
+
+
+class Bench:
+    """One model and forget set, opened once: the prepared sets, probes' data and the original weights."""
+
+    def __init__(self, ckpt: Path, folders: Path, forget, views: int):
+        self.loaded = open_checkpoint(ckpt, torch.device("cpu"))
+        everyone = range(len(world.PEOPLE))
+        others = [i for i in everyone if i not in forget]
+        heldout_all = visual_items(folders / "heldout", everyone)
+        sets = {
+            "forget_visual": ev.with_options(visual_items(folders / "heldout", forget), heldout_all),
+            "retain_visual": ev.with_options(visual_items(folders / "heldout", others), heldout_all),
+            "forget_text": ev.with_options(text_items(forget), text_items(everyone), kind=question_kind),
+            "all_text": ev.with_options(text_items(everyone), kind=question_kind),
+        }
+        self.sets = {name: ev.prepare(self.loaded, qs) for name, qs in sets.items()}
+        forget_train = read_folder(folders / "forget")
+        train = forget_train + read_folder(folders / "retain")
+        self.probe_train = cache_samples(self.loaded, train, "probe", views)
+        self.probe_train_subjects = [it.subject for it in train for _ in range(1 + views)]
+        self.probe_test = cache_samples(self.loaded, heldout_all, "probe test")
+        self.probe_test_subjects = [it.subject for it in heldout_all]
+        self.forgotten = {world.slug(i) for i in forget}
+        self.relearn_train = cache_samples(self.loaded, forget_train, "relearn")
+        drop_vision_tower(self.loaded)
+        self.original = master_params(self.loaded)
+        self.original_model = {n: p.detach().clone() for n, p in self.loaded.model.named_parameters()}
+
+    def evaluate(self, params) -> dict:
+        out = {name: ev.evaluate_set(self.loaded, params, prepared) for name, prepared in self.sets.items()}
+        out["relearn"] = ev.relearn_steps(self.loaded, params, self.relearn_train, self.sets["forget_visual"].answer_batches)
+        out["probe"] = ev.identity_probe(self.loaded, params, self.probe_train, self.probe_train_subjects,
+                                         self.probe_test, self.probe_test_subjects, self.forgotten)
+        return out
+
+    def evaluate_result(self, result: dict) -> dict:
+        params = dict(self.original)
+        if "projector" in result:
+            params.update({n: t.float() for n, t in result["projector"].items()})
+        by_stored = {stored: name for name, stored in self.loaded.names.items()}
+        params.update({by_stored[s]: t.float() for s, t in result.get("stored", {}).items()})
+        model_params = dict(self.loaded.model.named_parameters())
+        with torch.no_grad():
+            for n, t in result["model"].items():
+                model_params[n].copy_(t)
+        try:
+            return self.evaluate(params)
+        finally:
+            with torch.no_grad():
+                for n, t in self.original_model.items():
+                    model_params[n].copy_(t)
+
+
+# ---------------------------------------------------------------- tables
+
+
+COLUMNS = [
+    ("forget MC", lambda m: pct(m["forget_visual"]["mc_accuracy"])),
+    ("forget exact", lambda m: pct(m["forget_visual"]["exact_accuracy"])),
+    ("forget gen", lambda m: pct(m["forget_visual"]["generation_contains_answer"])),
+    ("retain MC", lambda m: pct(m["retain_visual"]["mc_accuracy"])),
+    ("retain exact", lambda m: pct(m["retain_visual"]["exact_accuracy"])),
+    ("forget text", lambda m: pct(m["forget_text"]["exact_accuracy"])),
+    ("all text", lambda m: pct(m["all_text"]["exact_accuracy"])),
+    ("text dNLL", lambda m: f"{m.get('text_nll_max_change', 0.0):.1e}" if m.get("text_nll_max_change") else "0"),
+    ("relearn", lambda m: str(m["relearn"]["steps"]) if m["relearn"]["steps"] is not None else f">{m['relearn']['max_steps']}"),
+    ("probe", lambda m: pct(m["probe"]["forgotten_accuracy"])),
+    ("time s", lambda m: f"{m['wall_s']:.0f}" if "wall_s" in m else "-"),
+    ("peak MB", lambda m: f"{m['peak_rss_mb']:.0f}" if "peak_rss_mb" in m else "-"),
+]
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def table(title: str, rows: list[tuple[str, str, dict]]) -> str:
+    head = ["method", "updates"] + [c for c, _ in COLUMNS]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, scope, m in rows:
+        lines.append("| " + " | ".join([label, scope] + [f(m) for _, f in COLUMNS]) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--models", nargs="+", default=list(CHECKPOINTS), choices=list(CHECKPOINTS))
+    ap.add_argument("--forget", nargs="+", type=int, default=[1, 2], choices=list(FORGET_PEOPLE))
+    ap.add_argument("--steps", type=int, default=Config().steps)
+    ap.add_argument("--methods", nargs="+", type=int, help="indices into METHODS (default: all)")
+    ap.add_argument("--workdir", type=Path, default=Path("build/compare"))
+    ap.add_argument("--json", type=Path, help="default: WORKDIR/results.json")
+    args = ap.parse_args()
+    if args.child:
+        return child(*args.child)
+    torch.set_num_threads(2)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    methods = [METHODS[i] for i in args.methods] if args.methods else METHODS
+    results, tables = [], []
+    started = time.perf_counter()
+    for family in args.models:
+        ckpt = world.demo_assets_dir() / CHECKPOINTS[family]
+        for n_forget in args.forget:
+            forget = FORGET_PEOPLE[n_forget]
+            folders = args.workdir / f"world-forget{n_forget}"
+            if not folders.exists():
+                write_folders(folders, forget)
+            bench = Bench(ckpt, folders, forget, Config().views)
+            before = bench.evaluate(bench.original)
+            never = ev.relearn_steps(bench.loaded, ev.fresh_projector(bench.original), bench.relearn_train,
+                                     bench.sets["forget_visual"].answer_batches)
+            rows = [("original model", "-", before)]
+            for label, scope, method, mask in methods:
+                lr = Config().lr if scope == "projector" else WHOLE_MODEL_LR
+                cfg = Config(method=method, mask=mask, steps=args.steps, lr=lr, device="cpu")
+                with tempfile.TemporaryDirectory() as scratch:
+                    result = run_method(ckpt, folders, scope, cfg, Path(scratch))
+                metrics = bench.evaluate_result(result)
+                metrics.update(wall_s=result["wall_s"], peak_rss_mb=result["peak_rss_mb"],
+                               mask_density=result["mask_density"], lr=lr)
+                metrics["text_nll_max_change"] = max(ev.max_nll_change(before[s], metrics[s])
+                                                     for s in ("forget_text", "all_text"))
+                rows.append((label, scope, metrics))
+                print(f"[{family} forget {n_forget}/8] {scope:11s} {label}: {time.perf_counter() - started:.0f}s",
+                      flush=True)
+            title = (f"{family}, forget {n_forget} of {len(world.PEOPLE)} people ({n_forget / len(world.PEOPLE):.1%}); "
+                     f"relearn steps of a never-trained projector: "
+                     f"{never['steps'] if never['steps'] is not None else '>40'}")
+            tables.append(table(title, rows))
+            print("\n" + tables[-1] + "\n", flush=True)
+            results.append({"model": family, "forget_people": n_forget, "never_trained_relearn": never,
+                            "rows": [{"method": l, "updates": s, "metrics": m} for l, s, m in rows]})
+    total = time.perf_counter() - started
+    out = args.json or args.workdir / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"steps": args.steps, "whole_model_lr": WHOLE_MODEL_LR, "total_s": total,
+                               "results": results}, indent=1) + "\n")
+    print("\n\n".join(tables))
+    print(f"\ntotal {total:.0f}s; JSON: {out}")
+
+
+if __name__ == "__main__":
+    main()
