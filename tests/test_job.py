@@ -171,3 +171,12 @@ def test_only_the_projector_trains_and_the_vision_tower_is_dropped(variant, fold
     optimise(loaded, params, mask, batches, [], Config(steps=2, method="npo"), print)
     assert all(not p.requires_grad and p.grad is None for p in loaded.model.parameters())
     assert any(not torch.equal(params[n], loaded.original[n]) for n in params)
+
+
+@pytest.mark.parametrize("method", ["npo", "simnpo", "ga", "graddiff"])
+def test_every_method_raises_the_forget_nll(method, variant, folders):
+    report = apply(variant("llava"), folders / "forget", folders / "retain", dry_run=True,
+                   cfg=Config(method=method, steps=6, views=0, fisher_samples=8))
+    m = report["metrics"]["forget"]
+    assert report["config"]["method"] == method
+    assert m["after"]["mean_token_nll"] > m["before"]["mean_token_nll"] + 0.1
