@@ -3,9 +3,11 @@
 
     python -m pytest benchmarks/bench_job.py --benchmark-only --benchmark-group-by=group
 
-CPU: the demo LLaVA (synthetic people). CUDA: additionally a LLaVA-1.5-7B-sized model (CLIP-L/336
-tower, Llama-2-7B LLM, vocab 32064) built from its config with random bf16 weights
-(FASTUNLEARN_BENCH_7B_LAYERS overrides its LLM depth, default 32).
+CPU: the demo LLaVA (synthetic people, 0.23 M parameters) and "LLaVA-mini", random fp32 weights
+shaped like the real thing at CPU scale (8-layer ViT at 112 px = 64 image tokens, 4-layer LLM,
+vocab 32064). CUDA: a LLaVA-1.5-7B-sized model (CLIP-L/336 tower, Llama-2-7B LLM, vocab 32064)
+built from its config with random bf16 weights (FASTUNLEARN_BENCH_7B_LAYERS sets its LLM depth,
+default 32). Answers are the people's names from the demo world's folders in every case.
 pytest-benchmark prints each row's time relative to the fastest in its group; peak memory and
 the speed-up are in extra_info (and in the --benchmark-json output).
 """
@@ -26,7 +28,7 @@ from fastunlearn import world  # noqa: E402
 from fastunlearn.data import read_folder  # noqa: E402
 from fastunlearn.unlearn import Config, unlearn  # noqa: E402
 
-CPU_STEPS, GPU_STEPS = 40, 10
+CPU_STEPS, MINI_STEPS, GPU_STEPS = 40, 10, 10
 RESULTS: dict = {}
 
 
@@ -37,15 +39,16 @@ def _rss_mb(field: str) -> float:
     return float("nan")
 
 
-def cpu_peak_mb(variant: str, ckpt: Path, forget: Path, retain: Path) -> float:
+def cpu_peak_mb(variant: str, ckpt: Path, forget: Path, retain: Path, steps: int = 0) -> float:
     """Peak RSS the job adds, measured in a fresh process (a process that already ran another
     variant reuses freed heap and would under-report)."""
-    out = subprocess.run([sys.executable, __file__, variant, str(ckpt), str(forget), str(retain)],
+    steps = steps or CPU_STEPS
+    out = subprocess.run([sys.executable, __file__, variant, str(ckpt), str(forget), str(retain), str(steps)],
                          capture_output=True, text=True, check=True)
     return float(out.stdout.split()[-1])
 
 
-def run_measured(benchmark, fn, device: torch.device, group_key: str, name: str, cpu_peak=None):
+def run_measured(benchmark, fn, device: torch.device, group_key: str, name: str, cpu_peak=None, rounds=5):
     """Time `fn` with pytest-benchmark; record the peak memory it adds (GPU: allocated; CPU: RSS,
     from `cpu_peak`, a separate fresh process)."""
     peaks = []
@@ -61,7 +64,7 @@ def run_measured(benchmark, fn, device: torch.device, group_key: str, name: str,
             torch.cuda.synchronize()
             peaks.append((torch.cuda.max_memory_allocated() - base) / 2**20)
 
-    benchmark.pedantic(once, rounds=5 if device.type == "cpu" else 1, iterations=1)
+    benchmark.pedantic(once, rounds=rounds if device.type == "cpu" else 1, iterations=1)
     peak = max(peaks) if peaks else cpu_peak()
     entry = RESULTS.setdefault(group_key, {})
     entry[name] = {"median_s": benchmark.stats.stats.median, "peak_mb": peak}
@@ -72,9 +75,9 @@ def run_measured(benchmark, fn, device: torch.device, group_key: str, name: str,
         benchmark.extra_info["memory_ratio_vs_baseline"] = round(entry[name]["peak_mb"] / max(base["peak_mb"], 1e-9), 3)
 
 
-def cpu_job(variant: str, ckpt, forget, retain):
+def cpu_job(variant: str, ckpt, forget, retain, steps: int = 0):
     """The work of one CPU variant, as a no-argument function."""
-    cfg = Config(steps=CPU_STEPS, device="cpu", views=0, mask="none" if variant.endswith("nomask") else "fisher")
+    cfg = Config(steps=steps or CPU_STEPS, device="cpu", views=0, mask="none" if variant.endswith("nomask") else "fisher")
     if variant == "baseline":
         items_f, items_r = read_folder(forget), read_folder(retain)
         return lambda: run_baseline(ckpt, items_f, items_r, cfg.steps, cfg.lr, cfg.beta, cfg.batch_size,
@@ -101,31 +104,50 @@ def test_e2e_cpu_demo_llava(benchmark, demo_world, variant):
                  cpu_peak=lambda: cpu_peak_mb(variant, *demo_world))
 
 
-def build_llava_7b(folder: Path, layers: int) -> Path:
-    """A LLaVA-1.5-7B-shaped checkpoint with random bf16 weights, saved with the demo's processor files."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def build_llava(folder: Path, image_size: int, patch: int, vision: tuple, text: tuple, device: str, dtype) -> Path:
+    """A LLaVA-1.5-style checkpoint with random weights and the demo's tokenizer and processor.
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
-    demo = world.demo_assets_dir() / "llava-people"
-    from transformers import AutoProcessor
+    vision / text: (hidden, intermediate, layers, heads); the LLM's vocabulary is 32064 as in
+    LLaVA-1.5 (the demo tokenizer uses the first few hundred ids)."""
+    from transformers import AutoProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    processor = AutoProcessor.from_pretrained(demo)
-    processor.image_processor.size = {"shortest_edge": 336}
-    processor.image_processor.crop_size = {"height": 336, "width": 336}
-    processor.patch_size = 14
-    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default", projector_hidden_act="gelu")
-    with torch.device("cuda"):
-        model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
+    vh, vi, vl, va = vision
+    th, ti, tl, ta = text
+    processor = AutoProcessor.from_pretrained(world.demo_assets_dir() / "llava-people")
+    processor.image_processor.size = {"shortest_edge": image_size}
+    processor.image_processor.crop_size = {"height": image_size, "width": image_size}
+    processor.patch_size = patch
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=vh, intermediate_size=vi, num_hidden_layers=vl, num_attention_heads=va,
+                                       image_size=image_size, patch_size=patch),
+        text_config=LlamaConfig(hidden_size=th, intermediate_size=ti, num_hidden_layers=tl, num_attention_heads=ta,
+                                num_key_value_heads=ta, vocab_size=32064, max_position_embeddings=4096),
+        image_token_id=processor.tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).to(dtype)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return folder
+
+
+@pytest.fixture(scope="module")
+def llava_mini(tmp_path_factory, demo_world):
+    """CPU-sized but shaped like the real thing: 64 image tokens, an 8-layer ViT, vocab 32064."""
+    folder = build_llava(tmp_path_factory.mktemp("llava-mini"), 112, 14, (384, 1536, 8, 6), (512, 1376, 4, 8),
+                         "cpu", torch.float32)
+    return folder, demo_world[1], demo_world[2]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_e2e_cpu_llava_mini(benchmark, llava_mini, variant):
+    benchmark.group = f"e2e cpu: LLaVA-mini (ViT 8x384 @112, LLM 4x512, vocab 32064), {MINI_STEPS} steps"
+    run_measured(benchmark, cpu_job(variant, *llava_mini, steps=MINI_STEPS), torch.device("cpu"), "cpu-mini",
+                 variant, cpu_peak=lambda: cpu_peak_mb(variant, *llava_mini, steps=MINI_STEPS), rounds=1)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +155,9 @@ def llava_7b(tmp_path_factory, demo_world):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA: the 7B-sized run is a GPU benchmark")
     layers = int(os.environ.get("FASTUNLEARN_BENCH_7B_LAYERS", "32"))
-    return build_llava_7b(tmp_path_factory.mktemp("llava7b"), layers), demo_world[1], demo_world[2]
+    folder = build_llava(tmp_path_factory.mktemp("llava7b"), 336, 14, (1024, 4096, 24, 16), (4096, 11008, layers, 32),
+                         "cuda", torch.bfloat16)
+    return folder, demo_world[1], demo_world[2]
 
 
 @pytest.mark.parametrize("variant", VARIANTS[:2])
@@ -158,7 +182,7 @@ if __name__ == "__main__":  # one CPU variant in this fresh process: print the p
 
     transformers.logging.set_verbosity_error()
     variant, ckpt, forget, retain = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
-    job = cpu_job(variant, ckpt, forget, retain)
+    job = cpu_job(variant, ckpt, forget, retain, int(sys.argv[5]))
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _rss_mb("VmRSS")
     job()
