@@ -1,9 +1,12 @@
-"""Method comparison on the synthetic people world: fastunlearn's default against GA, GradDiff, NPO
+"""Method comparison on the synthetic people worlds: fastunlearn's default against GA, GradDiff, NPO
 without the mask, the MMUnlearner-style Fisher mask with GA, and the same methods updating the
 whole model (LLM included). Same data, views, batch size and steps for every method.
 
-    python benchmarks/compare.py [--models llava qwen2_vl] [--forget 1 2] [--steps 100]
-                                 [--workdir build/compare] [--json build/compare/results.json]
+    python benchmarks/compare.py --world bench [--models llava qwen2_vl] [--forget 1 2 4] [--steps 100]
+                                 [--workdir build/compare] [--json FILE]
+    python benchmarks/compare.py --world demo  [--forget 1 2]        # the shipped 8-person checkpoints
+
+`--world bench` needs the 20-person checkpoints: python scripts/build_bench_world.py (build/bench-world).
 
 Each method runs in a subprocess of its own: its wall time covers the whole job (load, feature
 cache, mask, optimisation) and its peak memory is the subprocess's peak RSS (ru_maxrss, torch and
@@ -27,27 +30,36 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fastunlearn import bench_world as bw  # noqa: E402
 from fastunlearn import evaluate as ev  # noqa: E402
 from fastunlearn import world  # noqa: E402
-from fastunlearn.data import Item, read_folder  # noqa: E402
+from fastunlearn.data import read_folder  # noqa: E402
 from fastunlearn.unlearn import (Config, cache_samples, drop_vision_tower, master_params, open_checkpoint,  # noqa: E402
                                  unlearn)
 
-CHECKPOINTS = {"llava": "llava-people", "qwen2_vl": "qwen2vl-people"}
-FORGET_PEOPLE = {1: (1,), 2: (1, 4)}  # how many of the 8 people -> which (12.5% and 25%)
+WORLDS = {
+    # checkpoint folders, and how many people -> which people to forget
+    "demo": dict(make=bw.demo_world, checkpoints={"llava": world.demo_assets_dir() / "llava-people",
+                                                  "qwen2_vl": world.demo_assets_dir() / "qwen2vl-people"},
+                 forget={1: (1,), 2: (1, 4)}),  # 12.5% and 25% of 8
+    "bench": dict(make=bw.bench_world, checkpoints={"llava": Path("build/bench-world/llava-people20"),
+                                                    "qwen2_vl": Path("build/bench-world/qwen2vl-people20")},
+                  forget={1: (3,), 2: (3, 11), 4: (3, 11, 14, 17)}),  # 5%, 10% and 20% of 20
+}
 PICTURES = {"forget": (6, 101), "retain": (6, 202), "heldout": (10, 303)}  # (per person, seed), as the demo
-WHOLE_MODEL_LR = 1e-4  # the projector methods use Config's lr; a whole LLM needs a smaller one
-# (label, scope, method, mask)
+WHOLE_MODEL_LR = 1e-3  # the projector methods use Config's lr (1e-2); a whole LLM needs a smaller one
+# (label, scope, method, mask, lr or None for the scope's default)
 METHODS = [
-    ("fastunlearn default (NPO + Fisher mask)", "projector", "npo", "fisher"),
-    ("NPO, no mask", "projector", "npo", "none"),
-    ("GA", "projector", "ga", "none"),
-    ("GradDiff", "projector", "graddiff", "none"),
-    ("Fisher mask + GA (MMUnlearner-style)", "projector", "ga", "fisher"),
-    ("NPO", "whole model", "npo", "none"),
-    ("GA", "whole model", "ga", "none"),
-    ("GradDiff", "whole model", "graddiff", "none"),
-    ("Fisher mask + GA (MMUnlearner-style)", "whole model", "ga", "fisher"),
+    ("fastunlearn default (NPO + Fisher mask)", "projector", "npo", "fisher", None),
+    ("NPO, no mask", "projector", "npo", "none", None),
+    ("GA", "projector", "ga", "none", None),
+    ("GradDiff", "projector", "graddiff", "none", None),
+    ("Fisher mask + GA (MMUnlearner-style)", "projector", "ga", "fisher", None),
+    ("NPO", "whole model", "npo", "none", None),
+    ("NPO, lr 1e-4", "whole model", "npo", "none", 1e-4),
+    ("GA", "whole model", "ga", "none", None),
+    ("GradDiff", "whole model", "graddiff", "none", None),
+    ("Fisher mask + GA (MMUnlearner-style)", "whole model", "ga", "fisher", None),
 ]
 
 
@@ -85,55 +97,37 @@ def run_method(ckpt, folders, scope, cfg: Config, scratch: Path) -> dict:
 # ---------------------------------------------------------------- the evaluation sets
 
 
-def visual_items(folder: Path, people) -> list[Item]:
-    items = []
-    for i in people:
-        question, answer = world.visual_fact(i)
-        items += [Item(p, question, answer, world.slug(i)) for p in sorted((folder / world.slug(i)).glob("*.png"))]
-    return items
-
-
-def text_items(people) -> list[Item]:
-    return [Item(None, q, a, world.slug(i)) for i, q, a in world.all_text_facts(people)]
-
-
-NAMES = {world.slug(i): person["name"] for i, person in enumerate(world.PEOPLE)}
-
-
-def question_kind(item: Item) -> str:
-    """Questions of the same template share their options (every person's job, every city)."""
-    return item.question.replace(NAMES[item.subject], "{name}")
-
-
-def write_folders(root: Path, forget) -> None:
-    others = [i for i in range(len(world.PEOPLE)) if i not in forget]
-    for name, people in (("forget", forget), ("retain", others), ("heldout", range(len(world.PEOPLE)))):
+def write_folders(w: bw.World, root: Path, forget) -> None:
+    others = [i for i in range(len(w.people)) if i not in forget]
+    for name, people in (("forget", forget), ("retain", others), ("heldout", range(len(w.people)))):
         n, seed = PICTURES[name]
-        world.write_folder(root / name, people, n, seed)
+        w.write_folder(root / name, people, n, seed)
 
 
 class Bench:
     """One model and forget set, opened once: the prepared sets, probes' data and the original weights."""
 
-    def __init__(self, ckpt: Path, folders: Path, forget, views: int):
+    def __init__(self, w: bw.World, ckpt: Path, folders: Path, forget, views: int):
         self.loaded = open_checkpoint(ckpt, torch.device("cpu"))
-        everyone = range(len(world.PEOPLE))
+        everyone = range(len(w.people))
         others = [i for i in everyone if i not in forget]
-        heldout_all = visual_items(folders / "heldout", everyone)
+        heldout_all = w.visual_items(folders / "heldout", everyone)
         sets = {
-            "forget_visual": ev.with_options(visual_items(folders / "heldout", forget), heldout_all),
-            "retain_visual": ev.with_options(visual_items(folders / "heldout", others), heldout_all),
-            "forget_text": ev.with_options(text_items(forget), text_items(everyone), kind=question_kind),
-            "all_text": ev.with_options(text_items(everyone), kind=question_kind),
+            "forget_visual": ev.with_options(w.visual_items(folders / "heldout", forget), heldout_all),
+            "retain_visual": ev.with_options(w.visual_items(folders / "heldout", others), heldout_all),
+            "forget_text": ev.with_options(w.text_items(forget), w.text_items(everyone), kind=w.question_kind),
+            "all_text": ev.with_options(w.text_items(everyone), kind=w.question_kind),
         }
         self.sets = {name: ev.prepare(self.loaded, qs) for name, qs in sets.items()}
         forget_train = read_folder(folders / "forget")
         train = forget_train + read_folder(folders / "retain")
+        train = first_question_only(train)  # one sample per picture for the probe
         self.probe_train = cache_samples(self.loaded, train, "probe", views)
         self.probe_train_subjects = [it.subject for it in train for _ in range(1 + views)]
-        self.probe_test = cache_samples(self.loaded, heldout_all, "probe test")
-        self.probe_test_subjects = [it.subject for it in heldout_all]
-        self.forgotten = {world.slug(i) for i in forget}
+        probe_test = first_question_only(heldout_all)
+        self.probe_test = cache_samples(self.loaded, probe_test, "probe test")
+        self.probe_test_subjects = [it.subject for it in probe_test]
+        self.forgotten = {w.slug(i) for i in forget}
         self.relearn_train = cache_samples(self.loaded, forget_train, "relearn")
         drop_vision_tower(self.loaded)
         self.original = master_params(self.loaded)
@@ -162,6 +156,15 @@ class Bench:
             with torch.no_grad():
                 for n, t in self.original_model.items():
                     model_params[n].copy_(t)
+
+
+def first_question_only(items):
+    seen, out = set(), []
+    for it in items:
+        if it.image not in seen:
+            seen.add(it.image)
+            out.append(it)
+    return out
 
 
 # ---------------------------------------------------------------- tables
@@ -198,8 +201,9 @@ def table(title: str, rows: list[tuple[str, str, dict]]) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--models", nargs="+", default=list(CHECKPOINTS), choices=list(CHECKPOINTS))
-    ap.add_argument("--forget", nargs="+", type=int, default=[1, 2], choices=list(FORGET_PEOPLE))
+    ap.add_argument("--world", default="bench", choices=list(WORLDS))
+    ap.add_argument("--models", nargs="+", default=["llava", "qwen2_vl"], choices=["llava", "qwen2_vl"])
+    ap.add_argument("--forget", nargs="+", type=int, help="how many people to forget (default: every setting)")
     ap.add_argument("--steps", type=int, default=Config().steps)
     ap.add_argument("--methods", nargs="+", type=int, help="indices into METHODS (default: all)")
     ap.add_argument("--workdir", type=Path, default=Path("build/compare"))
@@ -212,22 +216,28 @@ def main():
 
     transformers.logging.set_verbosity_error()
     methods = [METHODS[i] for i in args.methods] if args.methods else METHODS
+    spec = WORLDS[args.world]
+    w = spec["make"]()
+    n_people = len(w.people)
+    for family in args.models:
+        if not (spec["checkpoints"][family] / "model.safetensors").exists():
+            sys.exit(f"{spec['checkpoints'][family]}: missing; build it with python scripts/build_bench_world.py")
     results, tables = [], []
     started = time.perf_counter()
     for family in args.models:
-        ckpt = world.demo_assets_dir() / CHECKPOINTS[family]
-        for n_forget in args.forget:
-            forget = FORGET_PEOPLE[n_forget]
-            folders = args.workdir / f"world-forget{n_forget}"
+        ckpt = spec["checkpoints"][family]
+        for n_forget in args.forget or list(spec["forget"]):
+            forget = spec["forget"][n_forget]
+            folders = args.workdir / f"{args.world}-forget{n_forget}"
             if not folders.exists():
-                write_folders(folders, forget)
-            bench = Bench(ckpt, folders, forget, Config().views)
+                write_folders(w, folders, forget)
+            bench = Bench(w, ckpt, folders, forget, Config().views)
             before = bench.evaluate(bench.original)
             never = ev.relearn_steps(bench.loaded, ev.fresh_projector(bench.original), bench.relearn_train,
                                      bench.sets["forget_visual"].answer_batches)
             rows = [("original model", "-", before)]
-            for label, scope, method, mask in methods:
-                lr = Config().lr if scope == "projector" else WHOLE_MODEL_LR
+            for label, scope, method, mask, lr in methods:
+                lr = lr or (Config().lr if scope == "projector" else WHOLE_MODEL_LR)
                 cfg = Config(method=method, mask=mask, steps=args.steps, lr=lr, device="cpu")
                 with tempfile.TemporaryDirectory() as scratch:
                     result = run_method(ckpt, folders, scope, cfg, Path(scratch))
@@ -237,14 +247,14 @@ def main():
                 metrics["text_nll_max_change"] = max(ev.max_nll_change(before[s], metrics[s])
                                                      for s in ("forget_text", "all_text"))
                 rows.append((label, scope, metrics))
-                print(f"[{family} forget {n_forget}/8] {scope:11s} {label}: {time.perf_counter() - started:.0f}s",
+                print(f"[{family} forget {n_forget}/{n_people}] {scope:11s} {label}: {time.perf_counter() - started:.0f}s",
                       flush=True)
-            title = (f"{family}, forget {n_forget} of {len(world.PEOPLE)} people ({n_forget / len(world.PEOPLE):.1%}); "
+            title = (f"{args.world} world, {family}, forget {n_forget} of {n_people} people ({n_forget / n_people:.1%}); "
                      f"relearn steps of a never-trained projector: "
                      f"{never['steps'] if never['steps'] is not None else '>40'}")
             tables.append(table(title, rows))
             print("\n" + tables[-1] + "\n", flush=True)
-            results.append({"model": family, "forget_people": n_forget, "never_trained_relearn": never,
+            results.append({"world": args.world, "model": family, "forget_people": n_forget, "never_trained_relearn": never,
                             "rows": [{"method": l, "updates": s, "metrics": m} for l, s, m in rows]})
     total = time.perf_counter() - started
     out = args.json or args.workdir / "results.json"

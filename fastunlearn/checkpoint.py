@@ -15,12 +15,15 @@ drops an uncommitted one, so a killed run leaves the old checkpoint or (after re
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import struct
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,10 +82,7 @@ def read_header(path: Path) -> Header:
             raw = f.read(n)
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: malformed safetensors header ({e})") from None
+    header = _parse_json(raw, f"{path}: malformed safetensors header")
     if not isinstance(header, dict):
         raise UserError(f"{path}: malformed safetensors header (not a JSON object)")
 
@@ -92,9 +92,13 @@ def read_header(path: Path) -> Header:
     ):
         raise UserError(f"{path}: malformed safetensors header (__metadata__ is not a string map)")
 
+    if not all(_unicode(k) and (not isinstance(v, str) or _unicode(v)) for k, v in (metadata or {}).items()):
+        raise UserError(f"{path}: malformed safetensors header (__metadata__ holds invalid Unicode)")
     data_start = 8 + n
     tensors = {}
     for name, entry in header.items():
+        if not _unicode(name):
+            raise UserError(f"{path}: malformed safetensors header (a tensor name is invalid Unicode)")
         tensors[name] = _tensor_info(path, name, entry, data_start)
 
     # Data must be covered exactly: sorted ranges contiguous from 0 to the end of the file.
@@ -111,28 +115,54 @@ def read_header(path: Path) -> Header:
     return Header(path, n, tensors, metadata)
 
 
+def _unicode(text: str) -> bool:
+    """False for strings JSON escapes can make but UTF-8 cannot hold (lone surrogates)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _parse_json(raw: bytes, what: str):
+    """json.loads that ends in UserError for any bad input (bad UTF-8, bad JSON, huge numbers, deep nesting)."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{what} (not UTF-8)") from None
+    except ValueError as e:  # JSONDecodeError, and ints over Python's digit limit
+        raise UserError(f"{what} ({str(e)[:200]})") from None
+    except RecursionError:
+        raise UserError(f"{what} (JSON nested too deeply)") from None
+
+
 def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
     def bad(why):
-        return UserError(f"{path}: malformed safetensors header (tensor {name!r}: {why})")
+        return UserError(f"{path}: malformed safetensors header (tensor {name[:80]!r}: {why})")
 
     if not isinstance(entry, dict):
         raise bad("entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str):
         raise bad("missing dtype")
+    if dtype not in ITEM_SIZES:
+        raise bad(f"unknown dtype {dtype[:40]!r}")
     if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**48 for d in shape)):
-        raise bad(f"bad shape {shape!r}")
+        raise bad(f"bad shape {str(shape)[:80]}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and 0 <= o < 2**62 for o in offsets)):
-        raise bad(f"bad data_offsets {offsets!r}")
+        raise bad(f"bad data_offsets {str(offsets)[:80]}")
     begin, end = offsets
     if end < begin:
         raise bad(f"data_offsets {offsets} run backwards")
-    if dtype in ITEM_SIZES:
-        numel = 1
-        for d in shape:
-            numel *= d
-        if numel * ITEM_SIZES[dtype] != end - begin:
-            raise bad(f"{end - begin} bytes for {dtype} shape {shape}")
+    # Python ints cannot overflow (2**48 dims multiply exactly); stop multiplying once past the
+    # range, so a header of millions of huge dims costs no big-number work
+    numel = 0 if 0 in shape else 1
+    for d in shape if numel else ():
+        numel *= d
+        if numel * ITEM_SIZES[dtype] > end - begin:
+            break
+    if numel * ITEM_SIZES[dtype] != end - begin:
+        raise bad(f"{end - begin} bytes for {dtype} shape {str(shape)[:80]}")
     return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
@@ -145,11 +175,8 @@ def weight_files(ckpt: Path) -> list[Path]:
         raise UserError(f"{ckpt}: no config.json: not a Hugging Face checkpoint folder")
     index = ckpt / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{index}: malformed shard index ({e.__class__.__name__}: {e})") from None
+        weight_map = _weight_map(index)
+        names = sorted(set(weight_map.values()))
         files = []
         for name in names:
             if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
@@ -175,15 +202,29 @@ def read_checkpoint(ckpt: Path) -> dict[str, TensorInfo]:
     for path in weight_files(ckpt):
         for name, info in read_header(path).tensors.items():
             if name in tensors:
-                raise UserError(f"{ckpt}: tensor {name!r} is stored twice ({tensors[name].file.name}, {path.name})")
+                raise UserError(f"{ckpt}: tensor {name[:80]!r} is stored twice ({tensors[name].file.name}, {path.name})")
             tensors[name] = info
     index = ckpt / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _weight_map(index)
         for name, info in tensors.items():
             if weight_map.get(name) != info.file.name:
-                raise UserError(f"{index}: says {name!r} is in {weight_map.get(name)}, but it is in {info.file.name}")
+                raise UserError(f"{index}: says {name[:80]!r} is in {weight_map.get(name)}, but it is in {info.file.name}")
     return tensors
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        if index.stat().st_size > MAX_HEADER_BYTES:
+            raise UserError(f"{index}: shard index larger than {MAX_HEADER_BYTES} bytes")
+        raw = index.read_bytes()
+    except OSError as e:
+        raise UserError(f"{index}: cannot read ({e.strerror})") from None
+    obj = _parse_json(raw, f"{index}: malformed shard index")
+    weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{index}: malformed shard index (no weight_map of tensor name -> file name)")
+    return weight_map
 
 
 def read_bytes(info: TensorInfo) -> bytes:
@@ -233,17 +274,41 @@ def file_stamp(path: Path) -> tuple[int, int, int]:
 
 # ---------------------------------------------------------------- locking and the redo journal
 
+_held: dict[str, int] = {}  # folders this process has locked -> nesting depth
+
+
+def test_pause(phase: str) -> None:
+    """Test hook, inert unless FASTUNLEARN_TEST_PAUSE_AT is `phase` or `phase:SECONDS`: say so on
+    stderr and sleep (default 60 s), so a fault-injection test can SIGKILL the process right here."""
+    spec = os.environ.get("FASTUNLEARN_TEST_PAUSE_AT")
+    if spec and spec.split(":")[0] == phase:
+        print(f"fastunlearn-test: paused at {phase}", file=sys.stderr, flush=True)
+        time.sleep(float(spec.split(":")[1]) if ":" in spec else 60)
+
 
 @contextlib.contextmanager
 def locked(ckpt: Path):
-    """Exclusive lock on the checkpoint folder itself (flock on the directory: no file is added)."""
+    """Exclusive lock on the checkpoint folder itself (flock on the directory: no file is added).
+    Re-entrant within one process, so a job can hold it from start to end and patch under it."""
+    key = str(Path(ckpt).resolve())
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
     fd = os.open(ckpt, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(f"{ckpt}: checkpoint is busy: another fastunlearn job is writing it; retry when it ends") from None
-        yield
+        _held[key] = 1
+        try:
+            yield
+        finally:
+            del _held[key]
     finally:
         os.close(fd)
 
@@ -271,29 +336,48 @@ def _decode_journal(blob: bytes) -> list[tuple[str, int, bytes]] | None:
     (n,) = struct.unpack("<Q", blob[m : m + 8])
     try:
         head = json.loads(blob[m + 8 : m + 8 + n])
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     payload = blob[m + 8 + n :]
-    if sha256_bytes(payload) != head.get("payload_sha256"):
+    if not isinstance(head, dict) or sha256_bytes(payload) != head.get("payload_sha256"):
         return None
     writes, pos = [], 0
-    for e in head["entries"]:
-        writes.append((e["file"], e["offset"], payload[pos : pos + e["length"]]))
-        pos += e["length"]
+    try:
+        for e in head["entries"]:
+            if Path(e["file"]).name != e["file"]:  # only files directly in the checkpoint folder
+                return None
+            writes.append((e["file"], int(e["offset"]), payload[pos : pos + e["length"]]))
+            pos += e["length"]
+    except (KeyError, TypeError, ValueError):
+        return None
     return writes
+
+
+def _write_at(f, offset: int, data: bytes) -> None:
+    f.seek(offset)
+    f.write(data)
 
 
 def _apply_writes(ckpt: Path, writes: list[tuple[str, int, bytes]]) -> None:
     by_file: dict[str, list[tuple[int, bytes]]] = {}
     for rel, off, data in writes:
         by_file.setdefault(rel, []).append((off, data))
+    first = True
     for rel, ranges in by_file.items():
         with open(ckpt / rel, "r+b") as f:
             for off, data in ranges:
-                f.seek(off)
-                f.write(data)
+                if not first:
+                    test_pause("mid-write")
+                first = False
+                _write_at(f, off, data)
             f.flush()
             os.fsync(f.fileno())
+
+
+def _why(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "the disk is full"
+    return e.strerror or str(e)
 
 
 def recover(ckpt: Path) -> bool:
@@ -310,7 +394,10 @@ def recover(ckpt: Path) -> bool:
             writes = _decode_journal(journal.read_bytes())
             if writes is None:
                 raise UserError(f"{journal}: damaged journal; restore the checkpoint from a copy")
-            _apply_writes(ckpt, writes)
+            try:
+                _apply_writes(ckpt, writes)
+            except OSError as e:
+                raise UserError(f"{ckpt}: cannot finish an interrupted patch ({_why(e)}); fix that and run again") from None
             replayed = True
             journal.unlink()
         if tmp.exists():  # never committed: the checkpoint was not touched
@@ -324,21 +411,62 @@ def patch_in_place(ckpt: Path, writes: list[tuple[str, int, bytes]], before_comm
 
     `before_commit` is called under the lock just before the journal is committed (the job uses it
     to check that no other tool changed the files since it read them).
+
+    A crash (kill, power loss) anywhere leaves the old bytes (journal not committed) or the new
+    ones (`recover` replays the committed journal). An I/O error leaves the checkpoint as it was
+    and raises UserError: before the commit point nothing was touched; after it, the old bytes
+    (read before committing) are written back; if even that fails, the committed journal stays
+    and the next fastunlearn command finishes the patch.
     """
     ckpt = Path(ckpt)
     journal, tmp = ckpt / JOURNAL, ckpt / (JOURNAL + ".tmp")
     with locked(ckpt):
         if before_commit is not None:
             before_commit()
-        with open(tmp, "wb") as f:
-            f.write(_encode_journal(writes))
-            f.flush()
-            os.fsync(f.fileno())
+        old = [(rel, off, _read_range(ckpt / rel, off, len(data))) for rel, off, data in writes]
+        try:
+            with open(tmp, "wb") as f:
+                test_pause("journal")
+                f.write(_encode_journal(writes))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"{ckpt}: cannot write the patch journal ({_why(e)}); the checkpoint is unchanged") from None
         os.replace(tmp, journal)  # commit point
         _fsync_dir(ckpt)
-        _apply_writes(ckpt, writes)
+        test_pause("committed")
+        try:
+            _apply_writes(ckpt, writes)
+        except OSError as e:
+            _roll_back(ckpt, old, e)
+        test_pause("written")
         journal.unlink()
         _fsync_dir(ckpt)
+
+
+def _read_range(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise UserError(f"{path}: shorter than expected (changed on disk?); nothing was written")
+    return data
+
+
+def _roll_back(ckpt: Path, old: list[tuple[str, int, bytes]], error: OSError):
+    """A write after the commit point failed: put the old bytes back and drop the journal."""
+    try:
+        _apply_writes(ckpt, old)
+        (ckpt / JOURNAL).unlink()
+        _fsync_dir(ckpt)
+    except OSError:
+        raise UserError(
+            f"{ckpt}: writing the patch failed ({_why(error)}) and so did undoing it; the checkpoint is mid-patch, "
+            f"kept consistent by {JOURNAL}: fix the disk, then any fastunlearn command on it finishes the patch"
+        ) from None
+    raise UserError(f"{ckpt}: writing the patch failed ({_why(error)}); the old bytes were put back, "
+                    "the checkpoint is unchanged") from None
 
 
 def write_file_atomic(path: Path, data: bytes) -> None:
@@ -355,10 +483,16 @@ def write_file_atomic(path: Path, data: bytes) -> None:
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:
-    """Copy a checkpoint folder to a hidden temporary sibling of `dst`; the caller renames it."""
+    """Copy a checkpoint folder to a hidden temporary sibling of `dst`; the caller renames it.
+    Symlinks are copied as the files they point to; a failed copy leaves nothing behind."""
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(JOURNAL, JOURNAL + ".tmp"))
+    try:
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(JOURNAL, JOURNAL + ".tmp"))
+    except (OSError, shutil.Error) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = _why(e) if isinstance(e, OSError) else "some files could not be copied"
+        raise UserError(f"--out {dst}: cannot copy the checkpoint ({why}); nothing was written") from None
     return tmp
 
 
@@ -394,16 +528,19 @@ def load_delta(path: Path) -> list[dict]:
     meta = header.metadata or {}
     if DELTA_KEY not in meta:
         raise UserError(f"{path}: not a fastunlearn delta file (no {DELTA_KEY} metadata)")
-    try:
-        guard = json.loads(meta[DELTA_KEY])
-    except ValueError:
-        raise UserError(f"{path}: damaged delta metadata") from None
+    guard = _parse_json(meta[DELTA_KEY].encode(), f"{path}: damaged delta metadata")
+    if not isinstance(guard, dict):
+        raise UserError(f"{path}: damaged delta metadata (not a JSON object)")
     changes = []
     for name, info in header.tensors.items():
-        if name not in guard:
-            raise UserError(f"{path}: tensor {name!r} has no before/after hashes")
+        hashes = guard.get(name)
+        if not (isinstance(hashes, dict) and all(isinstance(hashes.get(k), str) for k in ("before_sha256", "after_sha256"))):
+            raise UserError(f"{path}: tensor {name[:80]!r} has no before/after hashes")
+        if info.dtype not in TORCH_DTYPES:
+            raise UserError(f"{path}: tensor {name[:80]!r} is {info.dtype}; a delta holds F32, F16 or BF16 tensors")
         data = read_bytes(info)
-        if sha256_bytes(data) != guard[name]["after_sha256"]:
-            raise UserError(f"{path}: tensor {name!r} does not match its recorded hash (damaged delta)")
-        changes.append({"name": name, "dtype": info.dtype, "shape": info.shape, "data": data, **guard[name]})
+        if sha256_bytes(data) != hashes["after_sha256"]:
+            raise UserError(f"{path}: tensor {name[:80]!r} does not match its recorded hash (damaged delta)")
+        changes.append({"name": name, "dtype": info.dtype, "shape": info.shape, "data": data,
+                        "before_sha256": hashes["before_sha256"], "after_sha256": hashes["after_sha256"]})
     return changes

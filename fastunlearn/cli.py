@@ -62,7 +62,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("forget", type=Path, metavar="FORGET_DIR")
     p.add_argument("--retain", type=Path)
     p.add_argument("--report", type=Path, help="write the JSON verification report here")
+    p.add_argument("--html", type=Path, help="also write the report as a self-contained HTML page here")
+    p.add_argument("--text", type=Path, help="text-only questions (.jsonl: question, answer) that must stay unchanged")
+    p.add_argument("--no-probes", action="store_true", help="skip the relearning and linear-probe checks")
     p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("report", help="summarise a report (apply's or verify's) and render it as HTML")
+    p.add_argument("report", type=Path, metavar="REPORT.json")
+    p.add_argument("--html", type=Path, metavar="OUT.html", help="write a self-contained HTML page here")
 
     p = sub.add_parser("demo", help="the embedded end-to-end example (small LLaVA, synthetic people)")
     p.add_argument("--workdir", type=Path, default=Path("fastunlearn-demo"), help="where to write (default ./fastunlearn-demo)")
@@ -107,13 +114,31 @@ def cmd_patch(args) -> None:
 def cmd_verify(args) -> None:
     from .verify import print_verification, verify
 
-    result = verify(args.original, args.unlearned, args.forget, args.retain, device=args.device)
+    result = verify(args.original, args.unlearned, args.forget, args.retain, device=args.device, text_path=args.text,
+                    probes=not args.no_probes)
     print_verification(result)
-    if args.report:
-        from .checkpoint import write_file_atomic
+    from .checkpoint import write_file_atomic
 
+    if args.report:
         write_file_atomic(args.report, (json.dumps(result, indent=2) + "\n").encode())
         print(f"report: {args.report}")
+    if args.html:
+        from .html_report import render_html
+
+        write_file_atomic(args.html, render_html(result).encode())
+        print(f"html: {args.html}")
+
+
+def cmd_report(args) -> None:
+    from .html_report import load_report, render_html, summary_lines
+
+    report = load_report(args.report)
+    print("\n".join(summary_lines(report)))
+    if args.html:
+        from .checkpoint import write_file_atomic
+
+        write_file_atomic(args.html, render_html(report).encode())
+        print(f"html: {args.html}")
 
 
 def cmd_demo(args) -> None:
@@ -135,7 +160,8 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     quiet_transformers()
     try:
-        {"apply": cmd_apply, "patch": cmd_patch, "verify": cmd_verify, "demo": cmd_demo}[args.command](args)
+        {"apply": cmd_apply, "patch": cmd_patch, "verify": cmd_verify, "report": cmd_report,
+         "demo": cmd_demo}[args.command](args)
     except UserError as e:
         print(f"fastunlearn: error: {e}", file=sys.stderr)
         return 2

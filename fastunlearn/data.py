@@ -25,6 +25,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DEFAULT_QUESTIONS = ("Who is in this image?", "Describe this image.")
 MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb bound; real photos are far below it
 MAX_JSONL_LINE = 1 << 20
+# Decoders by content, whatever the suffix: only these (PIL's others include EPS, which runs Ghostscript)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 
 
 @dataclass
@@ -48,15 +50,17 @@ def load_image(path: Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(path, formats=IMAGE_FORMATS) as im:
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise UserError(f"{path}: image too large ({im.width}x{im.height} pixels)")
                 im.load()
                 return im.convert("RGB")
     except UserError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: unreadable image ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise UserError(f"{path}: unreadable image (not a {', '.join(IMAGE_FORMATS)} picture)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: unreadable image ({str(e)[:200]})") from None
 
 
 def read_folder(folder: Path, role: str = "forget") -> list[Item]:
@@ -65,11 +69,11 @@ def read_folder(folder: Path, role: str = "forget") -> list[Item]:
         raise UserError(f"{folder}: {role} folder does not exist or is not a folder")
     root = folder.resolve()
     images, jsonls = [], []
-    for path in sorted(root.rglob("*")):
-        if not path.is_file():
-            continue
-        if not _inside(root, path):
+    for path in sorted(root.rglob("*")):  # symlinked folders are not walked into, but refused too
+        if (path.is_symlink() or path.is_file()) and not _inside(root, path):
             raise UserError(f"{path}: links outside the {role} folder; refusing to read it")
+        if not path.is_file():  # folders, FIFOs, devices, dangling links: skipped, never opened
+            continue
         if path.suffix.lower() in IMAGE_SUFFIXES:
             images.append(path)
         elif path.suffix.lower() == ".jsonl":
@@ -92,32 +96,45 @@ def read_folder(folder: Path, role: str = "forget") -> list[Item]:
     return items
 
 
-def _read_jsonl(root: Path, jsonl: Path):
+def _lines(jsonl: Path):
+    """(line number, bytes) of a jsonl file, read a line at a time: a huge line is refused after
+    reading MAX_JSONL_LINE bytes of it, never held whole."""
     try:
-        raw = jsonl.read_bytes()
+        with open(jsonl, "rb") as f:
+            lineno = 0
+            while line := f.readline(MAX_JSONL_LINE + 1):
+                lineno += 1
+                if len(line) > MAX_JSONL_LINE:
+                    raise UserError(f"{jsonl}:{lineno}: line longer than {MAX_JSONL_LINE} bytes")
+                yield lineno, line
     except OSError as e:
         raise UserError(f"{jsonl}: cannot read ({e.strerror})") from None
-    for lineno, line in enumerate(raw.split(b"\n"), 1):
+
+
+def _read_jsonl(root: Path, jsonl: Path):
+    for lineno, line in _lines(jsonl):
         where = f"{jsonl}:{lineno}"
         if not line.strip():
             continue
-        if len(line) > MAX_JSONL_LINE:
-            raise UserError(f"{where}: line longer than {MAX_JSONL_LINE} bytes")
         try:
             obj = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError:
             raise UserError(f"{where}: not UTF-8 text") from None
         except json.JSONDecodeError as e:
             raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:
+            raise UserError(f"{where}: not usable JSON ({str(e)[:100]})") from None
         if not isinstance(obj, dict):
             raise UserError(f"{where}: expected a JSON object with image, question and answer")
         for key in ("image", "question", "answer"):
             if not isinstance(obj.get(key), str) or not obj[key].strip():
                 raise UserError(f"{where}: {key!r} must be a non-empty string")
+        if "\0" in obj["image"]:
+            raise UserError(f"{where}: image path holds a NUL character")
         rel = Path(obj["image"])
+        if rel.is_absolute() or not _inside(root, jsonl.parent / rel):
+            raise UserError(f"{where}: image {obj['image'][:200]!r} is outside the folder")
         image = (jsonl.parent / rel).resolve()
-        if rel.is_absolute() or not _inside(root, image):
-            raise UserError(f"{where}: image {obj['image']!r} is outside the folder")
         if not image.is_file():
             raise UserError(f"{where}: image {obj['image']!r} does not exist")
         if image.suffix.lower() not in IMAGE_SUFFIXES:

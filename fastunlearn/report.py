@@ -65,6 +65,30 @@ def environment(device: str) -> dict:
     return env
 
 
+def delta_sha256(changes: list[dict]) -> str:
+    """One hash of the whole delta: each changed tensor's stored name and the sha256 of its new bytes."""
+    return _sha("\n".join(f"{c['name']} {c['after_sha256']}" for c in sorted(changes, key=lambda c: c["name"])))
+
+
+def reproduce_info(result: dict) -> dict:
+    """What reproduces the delta bit for bit: the same inputs (the checkpoint files' and items' sha256
+    in this report), configuration, seed and versions, on CPU."""
+    cfg = result["config"]
+    options = " ".join(f"--{k.replace('_', '-')} {cfg[k]}" for k in ("method", "steps", "lr", "beta", "retain_weight",
+                                                                        "mask", "mask_threshold", "views", "batch_size",
+                                                                        "seed") if k in cfg)
+    return {
+        "seed": cfg["seed"],
+        "delta_sha256": delta_sha256(result["changes"]),
+        "deterministic_on_cpu": result["device"] == "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "command": f"fastunlearn apply CKPT FORGET_DIR --retain RETAIN_DIR --device {result['device']} {options}",
+        "inputs": "the files' sha256_before (checkpoint) and data.*.items_sha256 (pictures, questions, answers) below",
+        "note": ("same checkpoint, folders, configuration, seed and versions give the same delta bit for bit on CPU "
+                 "(checked by tests/test_job.py::test_same_seed_same_delta); on CUDA, kernels may differ in the last bits"),
+    }
+
+
 def build_report(result: dict, proof: dict, source: Path, forget_dir, retain_dir) -> dict:
     before, after, expected = proof["before"], proof["after"], proof["expected"]
     changed_files = sorted({c["file"] for c in result["changes"]})
@@ -114,10 +138,7 @@ def build_report(result: dict, proof: dict, source: Path, forget_dir, retain_dir
             ),
         },
         "config": result["config"],
-        "reproduce": {
-            "seed": result["config"]["seed"],
-            "note": "same checkpoint, folders, configuration, seed and versions give the same delta on CPU",
-        },
+        "reproduce": reproduce_info(result),
         "environment": environment(result["device"]),
         "compute_dtype": result["compute_dtype"],
         "timing_s": result["phases_s"],

@@ -13,13 +13,17 @@ Only the projector changes, so:
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
+import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,11 +69,86 @@ class Config:
             raise UserError("--lr and --beta must be positive")
 
 
+FEATURE_MEMORY_MB = 2048  # cached vision features kept in memory; beyond it they go to a temporary folder
+PIXEL_CACHE_PICTURES = 8  # processed pictures kept for reuse (a picture's questions and views come together)
+
+
+def feature_budget_bytes() -> int:
+    """FASTUNLEARN_FEATURE_MEMORY_MB (default FEATURE_MEMORY_MB) in bytes; 0 sends every feature to disk."""
+    raw = os.environ.get("FASTUNLEARN_FEATURE_MEMORY_MB", str(FEATURE_MEMORY_MB))
+    try:
+        return int(float(raw) * 2**20)
+    except ValueError:
+        raise UserError(f"FASTUNLEARN_FEATURE_MEMORY_MB={raw!r}: expected a number of megabytes") from None
+
+
+class SpilledFeatures:
+    """One picture's features in a raw file, read back on each use. Stands in for the tensor where
+    the job uses it (`.to()`, `.shape`, `.dtype`), so memory holds only the batch being computed."""
+
+    def __init__(self, folder: tempfile.TemporaryDirectory, index: int, t: torch.Tensor):
+        self._folder = folder  # keeps the folder alive while any sample refers to it
+        self.path = Path(folder.name) / f"{index}.raw"
+        self.shape, self.dtype = tuple(t.shape), t.dtype
+        with open(self.path, "wb") as f:
+            f.write(ck.tensor_to_bytes(t))
+
+    def load(self) -> torch.Tensor:
+        data = bytearray(self.path.read_bytes())
+        return torch.frombuffer(data, dtype=self.dtype).reshape(self.shape) if data else torch.empty(self.shape, dtype=self.dtype)
+
+    def to(self, *args, **kwargs) -> torch.Tensor:
+        return self.load().to(*args, **kwargs)
+
+
+class BatchFeatures:
+    """A batch's features, concatenated from disk on each use (see SpilledFeatures)."""
+
+    def __init__(self, parts: list, device: torch.device):
+        self.parts, self.device = parts, device
+
+    def to(self, *args, **kwargs) -> torch.Tensor:
+        loaded = [p.load() if isinstance(p, SpilledFeatures) else p for p in self.parts]
+        return torch.cat(loaded).to(self.device).to(*args, **kwargs)
+
+
+class FeatureCache:
+    """Vision features by (picture, view): in memory up to a byte budget, then in a temporary folder."""
+
+    def __init__(self, budget: int):
+        self.budget, self.in_memory = budget, 0
+        self.entries: dict = {}
+        self.folder: tempfile.TemporaryDirectory | None = None
+
+    def __contains__(self, key) -> bool:
+        return key in self.entries
+
+    def __getitem__(self, key):
+        return self.entries[key]
+
+    def __setitem__(self, key, t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if self.in_memory + size <= self.budget:
+            self.in_memory += size
+            self.entries[key] = t
+            return
+        if self.folder is None:
+            self.folder = tempfile.TemporaryDirectory(prefix="fastunlearn-features-")
+        self.entries[key] = SpilledFeatures(self.folder, len(self.entries), t.cpu())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.in_memory = 0
+
+
 @dataclass
 class Sample:
     input_ids: torch.Tensor  # [L]
     answer_start: int
-    features: torch.Tensor | None  # cached pre-projector vision features, [tokens, d]
+    features: torch.Tensor | SpilledFeatures | None  # cached pre-projector vision features, [tokens, d]
     grid: dict | None  # family-specific image layout (e.g. image_grid_thw), no pixels
     view: int = 0  # 0: the picture itself; k > 0: its k-th augmented variant (training only)
 
@@ -79,7 +158,7 @@ class Batch:
     input_ids: torch.Tensor  # [B, L]
     attention_mask: torch.Tensor
     image_mask: torch.Tensor  # [B, L] True at image placeholder tokens
-    features: torch.Tensor | None  # [sum image tokens, d] in sequence order
+    features: torch.Tensor | BatchFeatures | None  # [sum image tokens, d] in sequence order
     position_ids: torch.Tensor | None
     answer_rows: torch.Tensor  # flat indices into [B*L] of hidden states that predict answer tokens
     targets: torch.Tensor  # answer token ids, one per row
@@ -100,8 +179,8 @@ class Loaded:
     names: dict[str, str]  # projector module-relative name -> stored name
     original: dict[str, torch.Tensor]  # stored projector tensors, as stored
     device: torch.device
-    pixel_cache: dict = field(default_factory=dict)
-    feature_cache: dict = field(default_factory=dict)
+    pixel_cache: OrderedDict = field(default_factory=OrderedDict)  # the last PIXEL_CACHE_PICTURES pictures
+    feature_cache: FeatureCache = field(default_factory=lambda: FeatureCache(feature_budget_bytes()))
 
 
 def pick_device(name: str) -> torch.device:
@@ -193,14 +272,20 @@ def master_params(loaded: Loaded, tensors: dict[str, torch.Tensor] | None = None
 
 
 def _pixels(loaded: Loaded, image: Path, view: int = 0, seed: int = 0) -> dict:
-    """Processor inputs of a picture (view 0) or of its augmented view `view` (keyed by content)."""
-    if (image, view) not in loaded.pixel_cache:
+    """Processor inputs of a picture (view 0) or of its augmented view `view` (keyed by content).
+    Only the last few are kept: items come grouped by picture, and a folder may not fit in memory."""
+    cache = loaded.pixel_cache
+    if (image, view) in cache:
+        cache.move_to_end((image, view))
+    else:
         picture = load_image(image)
         if view:
             digest = hashlib.sha256(image.read_bytes()).hexdigest()
             picture = augmented_view(picture, f"{digest}:{seed}:{view}")
-        loaded.pixel_cache[image, view] = loaded.adapter.pixel_inputs(loaded.processor, picture)
-    return loaded.pixel_cache[image, view]
+        cache[image, view] = loaded.adapter.pixel_inputs(loaded.processor, picture)
+        while len(cache) > PIXEL_CACHE_PICTURES:
+            cache.popitem(last=False)
+    return cache[image, view]
 
 
 @torch.no_grad()
@@ -278,6 +363,10 @@ def _batch(loaded: Loaded, samples: list[Sample]) -> Batch:
         seq.append(torch.full((n - s.answer_start,), b))
     image_mask = input_ids == model.config.image_token_id
     features = [s.features for s in samples if s.features is not None]
+    if any(isinstance(f, SpilledFeatures) for f in features):
+        features_in = BatchFeatures(features, device)  # read from disk when used
+    else:
+        features_in = torch.cat(features).to(device) if features else None
     grids = [s.grid for s in samples]
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     seq = torch.cat(seq)
@@ -285,7 +374,7 @@ def _batch(loaded: Loaded, samples: list[Sample]) -> Batch:
         input_ids=input_ids,
         attention_mask=attention_mask,
         image_mask=image_mask.to(device),
-        features=torch.cat(features).to(device) if features else None,
+        features=features_in,
         position_ids=loaded.adapter.position_ids(model, input_ids, attention_mask, grids),
         answer_rows=torch.cat(rows).to(device),
         targets=torch.cat(targets).to(device),
@@ -587,7 +676,10 @@ def preflight(ckpt: Path, out: Path | None, dry_run: bool) -> None:
 
 
 def write_result(ckpt: Path, result: dict, out: Path | None, dry_run: bool, stamps: dict) -> dict:
-    """Write the changed byte ranges (in place, crash-safe, or into a new folder). Returns the file proof."""
+    """Write the changed byte ranges (in place, crash-safe, or into a new folder). Returns the file proof.
+
+    Nothing is written when a weight file changed on disk since the job read it (file stamps) or
+    the bytes to replace are not the ones the job started from (their sha256)."""
     ckpt = Path(ckpt).resolve()
     writes = [(c["file"], c["byte_range"][0], c["data"]) for c in result["changes"]]
     files = checkpoint_files(ckpt)
@@ -596,6 +688,11 @@ def write_result(ckpt: Path, result: dict, out: Path | None, dry_run: bool, stam
         for path, stamp in stamps.items():
             if not path.exists() or ck.file_stamp(path) != stamp:
                 raise UserError(f"{path} changed on disk while the job ran; nothing was written, run again")
+        for c in result["changes"]:
+            old = ck._read_range(ckpt / c["file"], c["byte_range"][0], c["byte_range"][1] - c["byte_range"][0])
+            if ck.sha256_bytes(old) != c["before_sha256"]:
+                raise UserError(f"{ckpt / c['file']}: tensor {c['name']} changed on disk while the job ran; "
+                                "nothing was written, run again")
 
     if dry_run:
         unchanged_since_start()
@@ -617,11 +714,17 @@ def write_result(ckpt: Path, result: dict, out: Path | None, dry_run: bool, stam
         proof = dict(zip(("before", "expected"), hash_files(ckpt, files, writes)))
         tmp = ck.copy_checkpoint(ckpt, out)
         try:
+            unchanged_since_start()  # the source did not change while it was copied
             ck._apply_writes(tmp, writes)
             ck.fsync_tree(tmp)
+            ck.test_pause("out-written")
             if out.exists():
                 out.rmdir()  # preflight allowed only an empty folder
             os.rename(tmp, out)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"--out {out}: writing the new checkpoint failed ({ck._why(e)}); nothing was written, "
+                            f"{ckpt} is untouched") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -631,28 +734,60 @@ def write_result(ckpt: Path, result: dict, out: Path | None, dry_run: bool, stam
     return proof
 
 
+def check_weights_match_config(ckpt: Path) -> None:
+    """Before any model is built for real: config.json must describe the stored tensors. The model
+    is built on the meta device (no memory); its projector shapes must be the stored ones and its
+    size the stored size (one tied copy allowed), so a config with missing fields, which
+    transformers fills with defaults (a 7B LLM), fails here instead of allocating it."""
+    from transformers import AutoModelForImageTextToText
+
+    stored, config, adapter = inspect_checkpoint(ckpt)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a config it cannot build
+        raise UserError(f"{Path(ckpt) / 'config.json'}: transformers cannot build the model ({str(e).splitlines()[0][:200]})") from None
+    module = dict(adapter.projector_module(model).named_parameters())
+    for name, stored_name in stored_projector_names(adapter, list(module), list(stored)).items():
+        if tuple(module[name].shape) != stored[stored_name].shape:
+            raise UserError(f"{Path(ckpt) / 'config.json'}: implies {stored_name} of shape {tuple(module[name].shape)}, "
+                            f"the checkpoint stores {stored[stored_name].shape}; config.json does not match the weights")
+    in_model = sum(p.numel() for p in model.parameters())
+    sizes = [math.prod(info.shape) for info in stored.values()] or [0]
+    if not sum(sizes) - max(sizes) <= in_model <= sum(sizes):
+        raise UserError(f"{Path(ckpt) / 'config.json'}: describes a model of {in_model:,} parameters, the checkpoint "
+                        f"stores {sum(sizes):,}; config.json does not match the weights")
+
+
 def apply(ckpt, forget_dir, retain_dir=None, out=None, report_path=None, delta_path=None, dry_run=False,
           cfg: Config | None = None, log=print) -> dict:
     """`fastunlearn apply`: run the job and write the result, the report and (optionally) the delta."""
-    from .report import build_report
-
     cfg = cfg or Config()
     cfg.check()
     started = time.perf_counter()
     ckpt = Path(ckpt)
-    inspect_checkpoint(ckpt)
-    if (ckpt / ck.JOURNAL).exists() or (ckpt / (ck.JOURNAL + ".tmp")).exists():
-        if ck.recover(ckpt):
-            log(f"finished an interrupted patch of {ckpt}")
-    preflight(ckpt, out, dry_run)
-    stamps = {p.resolve(): ck.file_stamp(p) for p in ck.weight_files(ckpt)}
+    check_weights_match_config(ckpt)
+    in_place = out is None and not dry_run
+    # an in-place job holds the checkpoint's lock from start to end: a second one says "busy" at once
+    with ck.locked(ckpt) if in_place else contextlib.nullcontext():
+        if (ckpt / ck.JOURNAL).exists() or (ckpt / (ck.JOURNAL + ".tmp")).exists():
+            if ck.recover(ckpt):
+                log(f"finished an interrupted patch of {ckpt}")
+        preflight(ckpt, out, dry_run)
+        stamps = {p.resolve(): ck.file_stamp(p) for p in ck.weight_files(ckpt)}
 
-    result = unlearn(ckpt, Path(forget_dir), Path(retain_dir) if retain_dir else None, cfg, log)
-    gc.collect()
-    t_write = time.perf_counter()
-    proof = write_result(ckpt, result, Path(out) if out else None, dry_run, stamps)
-    result["phases_s"]["write"] = round(time.perf_counter() - t_write, 3)
-    result["phases_s"]["total"] = round(time.perf_counter() - started, 3)
+        result = unlearn(ckpt, Path(forget_dir), Path(retain_dir) if retain_dir else None, cfg, log)
+        gc.collect()
+        ck.test_pause("before-write")
+        t_write = time.perf_counter()
+        proof = write_result(ckpt, result, Path(out) if out else None, dry_run, stamps)
+        result["phases_s"]["write"] = round(time.perf_counter() - t_write, 3)
+        result["phases_s"]["total"] = round(time.perf_counter() - started, 3)
+        return _finish(result, proof, ckpt, forget_dir, retain_dir, report_path, delta_path, dry_run)
+
+
+def _finish(result, proof, ckpt, forget_dir, retain_dir, report_path, delta_path, dry_run) -> dict:
+    from .report import build_report
 
     report = build_report(result, proof, source=ckpt, forget_dir=forget_dir, retain_dir=retain_dir)
     if report_path is None and not dry_run:

@@ -3,13 +3,17 @@ apply report, what changed byte for byte and how both checkpoints score on the g
 from __future__ import annotations
 
 import gc
+import json
+import time
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ck
+from . import evaluate as ev
 from .data import Item, read_folder
-from .report import environment
+from .errors import UserError
+from .report import describe_items, environment
 from .unlearn import (cache_samples, checkpoint_files, drop_vision_tower, fill_answers, hash_files, inspect_checkpoint,
                       make_batches, master_params, open_checkpoint, pick_device, score, summarize)
 
@@ -53,7 +57,8 @@ def compare_checkpoints(original: Path, unlearned: Path) -> dict:
         if bytes_a == bytes_b:
             continue
         entry = {"name": name, "file": a.file.name, "byte_range": [a.start, a.end], "dtype": a.dtype,
-                 "projector": (name.startswith(adapter.projector_prefix) or ("." + adapter.projector_prefix) in name)}
+                 "projector": (name.startswith(adapter.projector_prefix) or ("." + adapter.projector_prefix) in name),
+                 "sha256_original": ck.sha256_bytes(bytes_a), "sha256_unlearned": ck.sha256_bytes(bytes_b)}
         if a.dtype in ck.TORCH_DTYPES and a.dtype == b.dtype and a.shape == b.shape:
             ta, tb = ck.bytes_to_tensor(bytes_a, a.dtype, a.shape), ck.bytes_to_tensor(bytes_b, b.dtype, b.shape)
             entry["elements_changed"] = int((ta != tb).sum())
@@ -70,7 +75,7 @@ def compare_checkpoints(original: Path, unlearned: Path) -> dict:
     files = [{"name": n, "sha256_original": sha_a.get(n), "sha256_unlearned": sha_b.get(n),
               "identical": sha_a.get(n) == sha_b.get(n)} for n in sorted(set(sha_a) | set(sha_b))]
     weight_names = {p.name for p in ck.weight_files(original)}
-    return {
+    result = {
         "files": files,
         "changed_tensors": changed,
         "tensor_names_equal": set(tensors_a) == set(tensors_b),
@@ -80,9 +85,94 @@ def compare_checkpoints(original: Path, unlearned: Path) -> dict:
             f["identical"] for f in files if f["name"] not in weight_names and f["sha256_original"] is not None
         ),
     }
+    # headers are validated contiguous (no holes): equal headers + equal tensor bytes = equal files
+    result["all_other_bytes_unchanged"] = (result["tensor_names_equal"] and headers_equal
+                                           and result["only_projector_changed"] and result["non_weight_files_identical"])
+    result["bytes_changed_in_ranges"] = sum(c["byte_range"][1] - c["byte_range"][0] for c in changed)
+    return result
 
 
-def verify(original: Path, unlearned: Path, forget_dir: Path, retain_dir: Path | None = None, device="auto") -> dict:
+def read_text_questions(path: Path) -> list[Item]:
+    """Text-only questions, a JSON object a line: {"question": "...", "answer": "...", "subject": "..." (optional)}."""
+    items = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) and obj[k].strip() for k in ("question", "answer")):
+            raise UserError(f"{path}:{lineno}: expected {{\"question\": \"...\", \"answer\": \"...\"}}")
+        items.append(Item(None, obj["question"].strip(), obj["answer"].strip(), str(obj.get("subject", ""))))
+    if not items:
+        raise UserError(f"{path}: no questions")
+    return items
+
+
+def split_pictures(items: list[Item]) -> tuple[list[Item], list[Item]]:
+    """Alternate each subject's pictures between a probe-training half and a probe-test half."""
+    pictures: dict[str, list] = {}
+    for it in sorted(items, key=lambda it: (it.subject, str(it.image))):
+        if it.image not in pictures.setdefault(it.subject, []):
+            pictures[it.subject].append(it.image)
+    halves: tuple[list[Item], list[Item]] = ([], [])
+    for it in items:  # every question about a picture goes with the picture
+        halves[pictures[it.subject].index(it.image) % 2].append(it)
+    return halves
+
+
+PROBE_VIEWS = 4  # augmented views of each probe-training picture, as the job uses
+
+
+def forgetting_metrics(ckpt: Path, forget: list[Item], retain: list[Item], text: list[Item], device,
+                       probes: bool = True) -> dict:
+    """fastunlearn.evaluate's metrics of one checkpoint on the given data: exact answer, multiple choice,
+    generation containment; with `probes`, relearning steps and a linear identity probe, both trained on
+    one half of the given pictures and tested on the other."""
+    loaded = open_checkpoint(ckpt, device)
+    pool = forget + retain
+    sets = {"forget": ev.with_options(forget, pool)}
+    if retain:
+        sets["retain"] = ev.with_options(retain, pool)
+    if text:
+        sets["text"] = ev.with_options(text)
+    prepared = {name: ev.prepare(loaded, qs) for name, qs in sets.items()}
+    if probes:
+        forget_train, forget_test = split_pictures(forget)
+        probe_train, probe_test = split_pictures(pool)
+        relearn_train = cache_samples(loaded, forget_train, "relearn")
+        relearn_test = make_batches(loaded, cache_samples(loaded, forget_test, "relearn test"), 32)
+        train_samples = cache_samples(loaded, probe_train, "probe", PROBE_VIEWS)
+        test_samples = cache_samples(loaded, probe_test, "probe test")
+    drop_vision_tower(loaded)
+    params = master_params(loaded)
+    out = {name: ev.evaluate_set(loaded, params, p) for name, p in prepared.items()}
+    if probes and forget_train and forget_test and len({it.subject for it in pool}) >= 2:
+        out["relearn"] = ev.relearn_steps(loaded, params, relearn_train, relearn_test)
+        train_subjects = [it.subject for it in probe_train for _ in range(1 + PROBE_VIEWS)]
+        out["probe"] = ev.identity_probe(loaded, params, train_samples, train_subjects, test_samples,
+                                         [it.subject for it in probe_test], {it.subject for it in forget})
+    del loaded
+    gc.collect()
+    return out
+
+
+def apply_report_of(unlearned: Path) -> dict | None:
+    """The report `apply` wrote into the unlearned checkpoint, if any (it holds hashes, never content)."""
+    path = Path(unlearned) / "unlearning_report.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def verify(original: Path, unlearned: Path, forget_dir: Path, retain_dir: Path | None = None, device="auto",
+           text_path: Path | None = None, probes: bool = True) -> dict:
     device = pick_device(device)
     for ckpt in (original, unlearned):
         inspect_checkpoint(ckpt)
@@ -100,22 +190,39 @@ def verify(original: Path, unlearned: Path, forget_dir: Path, retain_dir: Path |
     sets = {"forget": forget, "retain": retain} if retain else {"forget": forget}
     before = evaluate_checkpoint(original, sets, device)
     after = evaluate_checkpoint(unlearned, sets, device)
+    text = read_text_questions(text_path) if text_path else []
+    torch.manual_seed(0)
+    evaluation = {"before": forgetting_metrics(original, forget, retain, text, device, probes),
+                  "after": forgetting_metrics(unlearned, forget, retain, text, device, probes)}
+    if text:
+        evaluation["text_answer_nll_max_change"] = ev.max_nll_change(evaluation["before"]["text"],
+                                                                     evaluation["after"]["text"])
+    job = apply_report_of(unlearned)
     return {
         "fastunlearn_verify": 1,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "original": str(Path(original).resolve()),
         "unlearned": str(Path(unlearned).resolve()),
         "bytes": comparison,
         "metrics": {name: {"before": before[name], "after": after[name]} for name in sets},
+        "evaluation": evaluation,
+        "data": {
+            "note": "the data given to verify; pictures, questions and answers appear only as sha256 hashes",
+            "forget": describe_items(forget),
+            "retain": describe_items(retain) if retain else None,
+            "text": describe_items(text) if text else None,
+            "probe_split": "each subject's pictures alternate between the probes' training and test halves",
+        },
+        "job": None if job is None else {k: job.get(k) for k in ("config", "reproduce", "changed_tensors", "byte_proof",
+                                                                   "environment", "timing_s", "peak_memory_mb")},
         "environment": environment(str(device)),
     }
 
 
 def print_verification(result: dict) -> None:
     from .cli import print_metrics
+    from .html_report import summary_lines
 
-    b = result["bytes"]
     print_metrics(result["metrics"])
-    print(f"changed tensors: {len(b['changed_tensors'])} "
-          f"({', '.join(c['name'] for c in b['changed_tensors']) or 'none'})")
-    print(f"only projector tensors changed: {b['only_projector_changed']}; headers identical: {b['headers_identical']}; "
-          f"non-weight files identical: {b['non_weight_files_identical']}")
+    print()
+    print("\n".join(summary_lines(result)))

@@ -165,6 +165,11 @@ def draw_face(person_index: int, rng: np.random.Generator, size: int = FACE_SIZE
     size), scale (0.85-1.1), tilt (+-10 degrees), brightness, contrast, colour
     cast and Gaussian pixel noise.
     """
+    return paint_face(_identity(person_index, size * 2), rng, size)
+
+
+def paint_face(big: Image.Image, rng: np.random.Generator, size: int = FACE_SIZE) -> Image.Image:
+    """`draw_face` for any identity drawing (`_draw_identity(look, 2 * size)`): the random picture."""
     # background: a random muted colour with a random linear gradient
     base = rng.uniform(60, 200, size=3)
     grad = rng.uniform(-40, 40, size=3)
@@ -174,7 +179,6 @@ def draw_face(person_index: int, rng: np.random.Generator, size: int = FACE_SIZE
     bg = np.clip(base + grad * 2 * t, 0, 255).astype(np.uint8)
     canvas = Image.fromarray(bg, "RGB")
     # the face, drawn large then resampled with a random similarity transform
-    big = _identity(person_index, size * 2)
     scale = rng.uniform(0.85, 1.1)
     tilt = rng.uniform(-10, 10)
     side = max(1, round(size * scale))
@@ -279,7 +283,7 @@ def _corpus(family: str) -> list[str]:
     return lines * 4
 
 
-def build_tokenizer(family: str, vocab_size: int = 512):
+def build_tokenizer(family: str, vocab_size: int = 512, corpus: list[str] | None = None):
     """A byte-level BPE trained on the world's text, as a PreTrainedTokenizerFast.
 
     LLaVA: <s> <unk> <pad> <image> </s>; Qwen2-VL: <|endoftext|> (pad),
@@ -287,6 +291,7 @@ def build_tokenizer(family: str, vocab_size: int = 512):
     <|image_pad|>, <|video_pad|>. The family's chat template is set on it.
     Nothing is added automatically around encoded text (the LLaVA template
     writes <s> itself), so every way of encoding a prompt gives the same ids.
+    `corpus` replaces the demo world's texts (another world's prompts and answers).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -298,7 +303,7 @@ def build_tokenizer(family: str, vocab_size: int = 512):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False,
                                   special_tokens=list(specials.values()),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_corpus(family), trainer)
+    tok.train_from_iterator(_corpus(family) if corpus is None else corpus, trainer)
     if family == "llava":
         return PreTrainedTokenizerFast(
             tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
@@ -321,13 +326,13 @@ QWEN_IMAGE_SIZE = 56      # 56x56, patch 14, merge 2 -> grid 1x4x4 -> 4 image to
 
 
 def build_llava(seed: int = 0, text_hidden: int = 64, text_layers: int = 2,
-                vision_hidden: int = 64, vision_layers: int = 2):
+                vision_hidden: int = 64, vision_layers: int = 2, tok=None):
     """A tiny randomly initialised LLaVA-1.5-style model and its LlavaProcessor."""
     import torch
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    tok = build_tokenizer("llava")
+    tok = build_tokenizer("llava") if tok is None else tok
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": LLAVA_IMAGE_SIZE},
         crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE},
@@ -355,7 +360,7 @@ def build_llava(seed: int = 0, text_hidden: int = 64, text_layers: int = 2,
 
 
 def build_qwen2vl(seed: int = 0, text_hidden: int = 64, text_layers: int = 2,
-                  vision_embed: int = 64, vision_depth: int = 2, image_size: int = QWEN_IMAGE_SIZE):
+                  vision_embed: int = 64, vision_depth: int = 2, image_size: int = QWEN_IMAGE_SIZE, tok=None):
     """A tiny randomly initialised Qwen2-VL model with (tokenizer, image_processor).
 
     No Qwen2VLProcessor: its video processor needs torchvision. Prompts are
@@ -365,7 +370,7 @@ def build_qwen2vl(seed: int = 0, text_hidden: int = 64, text_layers: int = 2,
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tok = build_tokenizer("qwen2_vl")
+    tok = build_tokenizer("qwen2_vl") if tok is None else tok
     n = image_size * image_size
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": n, "longest_edge": n}, patch_size=14, merge_size=2,

@@ -202,11 +202,26 @@ def test_damaged_committed_journal_is_an_error(tmp_path):
 
 
 def test_lock_refuses_a_second_writer(tmp_path):
+    # the lock is per process (re-entrant inside one, so a job can hold it end to end): a second
+    # process holding it makes this one's writer refuse
+    import subprocess
+    import sys
+
     folder = make_ckpt(tmp_path / "c", {"w": torch.zeros(2)})
-    with ck.locked(folder):
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(30)", str(folder)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserError, match="busy"):
             with ck.locked(folder):
                 pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with ck.locked(folder):
+        with ck.locked(folder):  # re-entrant in one process
+            pass
 
 
 def test_delta_roundtrip_and_guards(tmp_path):
