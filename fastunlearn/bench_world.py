@@ -15,9 +15,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,34 +145,17 @@ def build(family: str, w: World, seed: int = BENCH["init_seed"]):
 
 def train(model, family: str, parts, w: World, seed: int, steps: int, lr: float, n_visual: int = 32,
           weight_decay: float = 0.01, warmup: int = 30, log_every: int = 100, log=print) -> list[float]:
-    """Full-parameter AdamW training, as world.train: each step `n_visual` fresh pictures, each with
-    one of the visual questions, plus every text fact; linear warm-up then cosine decay."""
-    import torch
+    """world.train on this world: each step `n_visual` fresh pictures, each with one of the visual
+    questions, plus every text fact."""
+    def visual_batch(rng, n):
+        who = rng.integers(0, len(w.people), size=n)
+        kinds = rng.integers(0, len(w.visual_questions), size=n)
+        return [(w.draw(int(i), rng), *w.visual_facts(int(i))[int(k)]) for i, k in zip(who, kinds)]
 
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
-    rng = np.random.default_rng([seed, 12345])  # a stream write_folder never uses
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(s, steps) / steps)))
     facts = [(None, q, a) for i in range(len(w.people)) for q, a in w.text_facts(i)]
-    losses, started = [], time.time()
-    for step in range(steps):
-        who = rng.integers(0, len(w.people), size=n_visual)
-        kinds = rng.integers(0, len(w.visual_questions), size=n_visual)
-        visual = [(w.draw(int(i), rng), *w.visual_facts(int(i))[int(k)]) for i, k in zip(who, kinds)]
-        loss = model(**world.encode(family, parts, visual + facts)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if log and (step % log_every == 0 or step == steps - 1):
-            log(f"[{family}] step {step:4d}  loss {np.mean(losses[-log_every:]):.4f}  {time.time() - started:.0f}s")
-    model.eval()
-    return losses
+    return world.train(model, family, parts, seed=seed, steps=steps, lr=lr, n_visual=n_visual,
+                       weight_decay=weight_decay, warmup=warmup, log_every=log_every, log=log,
+                       visual_batch=visual_batch, facts=facts)
 
 
 def evaluate(model, family: str, parts, w: World, seed: int, n_per_person: int = 10) -> dict:

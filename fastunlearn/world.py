@@ -487,13 +487,14 @@ def encode(family: str, parts, examples, with_labels: bool = True) -> dict:
 
 def train(model, family: str, parts, seed: int = 0, steps: int = 600, lr: float = 3e-3,
           n_visual: int = 32, weight_decay: float = 0.01, warmup: int = 30, log_every: int = 100,
-          log=print) -> list[float]:
+          log=print, visual_batch=None, facts=None) -> list[float]:
     """Full-parameter AdamW training on the world.
 
     Every step: `n_visual` freshly drawn pictures ("Who is in this image?" ->
     name, people drawn at random) plus every text-only fact (job, city) of all
     people, in one left-padded batch; loss on answer tokens and the end token
     only. Linear warm-up then cosine decay. Returns the loss per step.
+    Another world passes `visual_batch(rng, n) -> [(picture, question, answer)]` and its `facts`.
     """
     import torch
 
@@ -502,12 +503,20 @@ def train(model, family: str, parts, seed: int = 0, steps: int = 600, lr: float 
     torch.use_deterministic_algorithms(True)
     try:
         return _train(model, family, parts, seed, steps, lr, n_visual, weight_decay, warmup,
-                      log_every, log)
+                      log_every, log, visual_batch or _visual_batch,
+                      facts if facts is not None else [(None, q, a) for _, q, a in all_text_facts()])
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _train(model, family, parts, seed, steps, lr, n_visual, weight_decay, warmup, log_every, log):
+def _visual_batch(rng, n: int) -> list:
+    """n fresh pictures of people drawn at random, each asked who it is."""
+    who = rng.integers(0, len(PEOPLE), size=n)
+    return [(draw_face(int(i), rng), VISUAL_QUESTION, PEOPLE[int(i)]["name"]) for i in who]
+
+
+def _train(model, family, parts, seed, steps, lr, n_visual, weight_decay, warmup, log_every, log,
+           visual_batch, facts):
     import torch
 
     rng = np.random.default_rng([seed, 12345])  # a stream write_folder never uses
@@ -516,13 +525,10 @@ def _train(model, family, parts, seed, steps, lr, n_visual, weight_decay, warmup
                             betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(s, steps) / steps)))
-    facts = [(None, q, a) for _, q, a in all_text_facts()]
     losses = []
     t0 = time.time()
     for step in range(steps):
-        who = rng.integers(0, len(PEOPLE), size=n_visual)
-        visual = [(draw_face(int(i), rng), VISUAL_QUESTION, PEOPLE[int(i)]["name"]) for i in who]
-        batch = encode(family, parts, visual + facts)
+        batch = encode(family, parts, visual_batch(rng, n_visual) + facts)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

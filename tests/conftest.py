@@ -74,3 +74,21 @@ def folders(tmp_path_factory):
     world.write_folder(root / "retain", OTHERS, 6, seed=12)
     world.write_folder(root / "heldout", range(8), 8, seed=13)
     return root
+
+
+def tree(folder):
+    """Every file below a folder, by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def ckpt(variant, fresh):
+    """A private copy of the demo LLaVA checkpoint."""
+    return fresh(variant("llava"))
+
+
+@pytest.fixture
+def forget(tmp_path):
+    """A small forget folder: one picture of each of the two people to forget."""
+    world.write_folder(tmp_path / "forget", FORGET, 1, seed=3)
+    return tmp_path / "forget"

@@ -8,11 +8,7 @@ import pytest
 from fastunlearn import world
 from fastunlearn.cli import main
 
-from conftest import FORGET
-
-
-def tree(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+from conftest import FORGET, tree
 
 
 def run_error(capsys, argv, *expected):
@@ -23,17 +19,6 @@ def run_error(capsys, argv, *expected):
     for text in expected:
         assert text in err, err
     return err
-
-
-@pytest.fixture
-def ckpt(variant, fresh):
-    return fresh(variant("llava"))
-
-
-@pytest.fixture
-def forget(tmp_path):
-    world.write_folder(tmp_path / "forget", FORGET, 1, seed=3)
-    return tmp_path / "forget"
 
 
 def test_missing_checkpoint(capsys, tmp_path, forget):

@@ -28,7 +28,7 @@ from fastunlearn import world
 from fastunlearn.errors import UserError
 from fastunlearn.unlearn import write_result
 
-from conftest import FORGET
+from conftest import FORGET, tree
 
 SERVER = r"""
 import json, os, sys, traceback
@@ -103,10 +103,6 @@ def wait_for(log: Path, text: str, timeout=60):
 
 def hashes(folder: Path, names) -> dict:
     return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in names}
-
-
-def tree(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 APPLY = ["--steps", "2", "--views", "0", "--device", "cpu"]

@@ -11,18 +11,16 @@ import struct
 import sys
 import tracemalloc
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fastunlearn import world
 from fastunlearn.cli import main
 from fastunlearn.data import read_folder
 from fastunlearn.errors import UserError
 
-from conftest import FORGET
+from conftest import tree
 
 OPENED = []  # paths opened while recording (None: not recording)
 _recording = [False]
@@ -189,21 +187,6 @@ def test_hostile_folder(tmp_path, make, message):
 
 
 # ---------------------------------------------------------------- config.json that lies
-
-
-@pytest.fixture
-def ckpt(variant, fresh):
-    return fresh(variant("llava"))
-
-
-@pytest.fixture
-def forget(tmp_path):
-    world.write_folder(tmp_path / "forget", FORGET, 1, seed=3)
-    return tmp_path / "forget"
-
-
-def tree(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _lie(ckpt, change):

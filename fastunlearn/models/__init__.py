@@ -82,7 +82,7 @@ class Adapter:
             answer_ids = tokenizer(self.answer_separator + answer, add_special_tokens=False)["input_ids"]
             full_ids = torch.cat([prompt_ids, torch.tensor(answer_ids, dtype=torch.long)])
         if len(full_ids) == n:
-            raise UserError(f"an answer encodes to no tokens")
+            raise UserError("an answer encodes to no tokens")
         return Encoded(full_ids, n)
 
     # -- model pieces
