@@ -129,13 +129,17 @@ def split_pictures(items: list[Item]) -> tuple[list[Item], list[Item]]:
 PROBE_VIEWS = 4  # augmented views of each probe-training picture, as the job uses
 
 
-def forgetting_metrics(ckpt: Path, forget: list[Item], retain: list[Item], text: list[Item], device,
+def forgetting_metrics(loaded, forget: list[Item], retain: list[Item], text: list[Item],
                        probes: bool = True) -> dict:
-    """fastunlearn.evaluate's metrics of one checkpoint on the given data: exact answer, multiple choice,
-    generation containment; with `probes`, relearning steps and a linear identity probe, both trained on
-    one half of the given pictures and tested on the other."""
-    loaded = open_checkpoint(ckpt, device)
+    """fastunlearn.evaluate's metrics of one opened checkpoint on the given data: exact answer, multiple
+    choice, generation containment; with `probes`, relearning steps and a linear identity probe, both
+    trained on one half of the given pictures and tested on the other. Under "summary", the job's own
+    forget / retain summary (greedy exact match and answer NLL, as apply reports it). Drops the
+    checkpoint's vision tower."""
     pool = forget + retain
+    plain = {"forget": cache_samples(loaded, forget, "forget")}
+    if retain:
+        plain["retain"] = cache_samples(loaded, retain, "retain")
     sets = {"forget": ev.with_options(forget, pool)}
     if retain:
         sets["retain"] = ev.with_options(retain, pool)
@@ -152,13 +156,15 @@ def forgetting_metrics(ckpt: Path, forget: list[Item], retain: list[Item], text:
     drop_vision_tower(loaded)
     params = master_params(loaded)
     out = {name: ev.evaluate_set(loaded, params, p) for name, p in prepared.items()}
+    out["summary"] = {}
+    for name, samples in plain.items():
+        batches = make_batches(loaded, samples, 16)
+        out["summary"][name] = summarize(score(loaded, params, batches), batches)
     if probes and forget_train and forget_test and len({it.subject for it in pool}) >= 2:
         out["relearn"] = ev.relearn_steps(loaded, params, relearn_train, relearn_test)
         train_subjects = [it.subject for it in probe_train for _ in range(1 + PROBE_VIEWS)]
         out["probe"] = ev.identity_probe(loaded, params, train_samples, train_subjects, test_samples,
                                          [it.subject for it in probe_test], {it.subject for it in forget})
-    del loaded
-    gc.collect()
     return out
 
 
@@ -181,19 +187,18 @@ def verify(original: Path, unlearned: Path, forget_dir: Path, retain_dir: Path |
     retain = read_folder(retain_dir, "retain") if retain_dir else []
     comparison = compare_checkpoints(original, unlearned)
 
-    # targets without QA lines are the ORIGINAL model's greedy answers
+    text = read_text_questions(text_path) if text_path else []
+    # targets without QA lines are the ORIGINAL model's greedy answers; each checkpoint is opened once
     loaded = open_checkpoint(original, device)
     forget = fill_answers(loaded, forget, 32)
     retain = fill_answers(loaded, retain, 32)
+    torch.manual_seed(0)
+    evaluation = {"before": forgetting_metrics(loaded, forget, retain, text, probes)}
     del loaded
     gc.collect()
-    sets = {"forget": forget, "retain": retain} if retain else {"forget": forget}
-    before = evaluate_checkpoint(original, sets, device)
-    after = evaluate_checkpoint(unlearned, sets, device)
-    text = read_text_questions(text_path) if text_path else []
-    torch.manual_seed(0)
-    evaluation = {"before": forgetting_metrics(original, forget, retain, text, device, probes),
-                  "after": forgetting_metrics(unlearned, forget, retain, text, device, probes)}
+    evaluation["after"] = forgetting_metrics(open_checkpoint(unlearned, device), forget, retain, text, probes)
+    gc.collect()
+    summaries = {when: evaluation[when].pop("summary") for when in ("before", "after")}
     if text:
         evaluation["text_answer_nll_max_change"] = ev.max_nll_change(evaluation["before"]["text"],
                                                                      evaluation["after"]["text"])
@@ -204,7 +209,7 @@ def verify(original: Path, unlearned: Path, forget_dir: Path, retain_dir: Path |
         "original": str(Path(original).resolve()),
         "unlearned": str(Path(unlearned).resolve()),
         "bytes": comparison,
-        "metrics": {name: {"before": before[name], "after": after[name]} for name in sets},
+        "metrics": {name: {when: summaries[when][name] for when in ("before", "after")} for name in summaries["before"]},
         "evaluation": evaluation,
         "data": {
             "note": "the data given to verify; pictures, questions and answers appear only as sha256 hashes",
