@@ -24,9 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from baseline import run_baseline  # noqa: E402
 
-from fastunlearn import world  # noqa: E402
+from fastunlearn.worlds import people as world  # noqa: E402
 from fastunlearn.data import read_folder  # noqa: E402
-from fastunlearn.unlearn import Config, unlearn  # noqa: E402
+from fastunlearn.config import Config  # noqa: E402
+from fastunlearn.job import unlearn  # noqa: E402
 
 CPU_STEPS, MINI_STEPS, GPU_STEPS = 40, 10, 10
 RESULTS: dict = {}

@@ -30,12 +30,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastunlearn import bench_world as bw  # noqa: E402
+from fastunlearn.worlds import bench as bw  # noqa: E402
 from fastunlearn import evaluate as ev  # noqa: E402
-from fastunlearn import world  # noqa: E402
+from fastunlearn.worlds import people as world  # noqa: E402
 from fastunlearn.data import read_folder  # noqa: E402
-from fastunlearn.unlearn import (Config, cache_samples, drop_vision_tower, master_params, open_checkpoint,  # noqa: E402
-                                 unlearn)
+from fastunlearn.config import Config
+from fastunlearn.features import cache_samples, drop_vision_tower
+from fastunlearn.job import unlearn
+from fastunlearn.load import master_params, open_checkpoint
 
 WORLDS = {
     # checkpoint folders, and how many people -> which people to forget

@@ -15,8 +15,12 @@ import torch.nn.functional as F
 from fastunlearn.data import read_folder
 from fastunlearn.kernels import masked_adamw_
 from fastunlearn.objectives import forget_loss, retain_nll, uses_retain
-from fastunlearn.unlearn import (Config, answer_hidden, cache_samples, drop_vision_tower, make_batches,
-                                 master_params, open_checkpoint, pick_device, saliency_mask, score, seed_everything)
+from fastunlearn.batches import make_batches
+from fastunlearn.config import Config, pick_device, seed_everything
+from fastunlearn.features import cache_samples, drop_vision_tower
+from fastunlearn.forward import answer_hidden, score
+from fastunlearn.load import master_params, open_checkpoint
+from fastunlearn.mask import saliency_mask
 
 
 def sequence_nll(loaded, projector, llm_lm_head, batch) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Command line: argument parsing only; the work is in the library."""
+"""Command line: argument parsing and printing only; the work is the public API (fastunlearn.apply,
+verify, patch), and every refusal is a UserError whose exit_status the process returns."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,7 @@ from .errors import UserError
 
 
 def _add_job_options(p: argparse.ArgumentParser) -> None:
-    from .unlearn import Config
+    from .config import Config
 
     d = Config()
     p.add_argument("--method", default=d.method, help=f"npo | simnpo | ga | graddiff (default {d.method})")
@@ -30,7 +31,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args):
-    from .unlearn import Config
+    from .config import Config
 
     return Config(method=args.method, steps=args.steps, lr=args.lr, beta=args.beta, retain_weight=args.retain_weight,
                   mask=args.mask, mask_threshold=args.mask_threshold, views=args.views, batch_size=args.batch_size, device=args.device,
@@ -56,7 +57,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", type=Path, metavar="CKPT")
     p.add_argument("delta", type=Path, metavar="DELTA_FILE")
 
-    p = sub.add_parser("verify", help="recompute metrics and the byte-level comparison of two checkpoints")
+    p = sub.add_parser("verify", help="recompute metrics and the byte-level comparison of two checkpoints",
+                       description="Exit status: 0 every check passed; 3 the byte proof failed (bytes other than the "
+                       "connector's changed, headers differ, a file is missing or added); 4 a requested threshold failed; "
+                       "2 bad input.")
     p.add_argument("original", type=Path, metavar="ORIGINAL")
     p.add_argument("unlearned", type=Path, metavar="UNLEARNED")
     p.add_argument("forget", type=Path, metavar="FORGET_DIR")
@@ -65,6 +69,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--html", type=Path, help="also write the report as a self-contained HTML page here")
     p.add_argument("--text", type=Path, help="text-only questions (.jsonl: question, answer) that must stay unchanged")
     p.add_argument("--no-probes", action="store_true", help="skip the relearning and linear-probe checks")
+    p.add_argument("--json", action="store_true", help="print the verification report as JSON on stdout instead of the summary")
+    p.add_argument("--max-forget-accuracy", type=float, metavar="F",
+                   help="fail (exit 4) when forgotten pictures' exact-answer accuracy after is above F (0.3 = 30%%)")
+    p.add_argument("--max-forget-choice-accuracy", type=float, metavar="F",
+                   help="fail (exit 4) when forgotten pictures' multiple-choice accuracy after is above F")
+    p.add_argument("--max-retain-drop", type=float, metavar="F",
+                   help="fail (exit 4) when kept pictures' exact-answer accuracy drops by more than F (needs --retain)")
+    p.add_argument("--max-text-nll-change", type=float, metavar="X",
+                   help="fail (exit 4) when a text-only answer's NLL changes by more than X (needs --text)")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("report", help="summarise a report (apply's or verify's) and render it as HTML")
@@ -85,10 +98,11 @@ def print_metrics(metrics: dict) -> None:
               f"{b['mean_token_nll']:>18.3f} {a['mean_token_nll']:>8.3f}")
 
 
-def cmd_apply(args) -> None:
-    from .unlearn import apply
+def cmd_apply(args) -> int:
+    from .job import apply
 
-    report = apply(args.ckpt, args.forget, args.retain, args.out, args.report, args.delta, args.dry_run, _config(args))
+    report = apply(args.ckpt, args.forget, args.retain, out=args.out, report_path=args.report, delta_path=args.delta,
+                   dry_run=args.dry_run, config=_config(args), log=print)
     print_metrics(report["metrics"])
     changed = report["changed_tensors"]
     n = sum(c["elements_changed"] for c in changed)
@@ -102,49 +116,65 @@ def cmd_apply(args) -> None:
         print(f"report: {report['report_path']}")
     if args.delta:
         print(f"delta: {args.delta}")
+    return 0
 
 
-def cmd_patch(args) -> None:
-    from .patch import patch
+def cmd_patch(args) -> int:
+    from .patching import patch
 
     result = patch(args.ckpt, args.delta)
     print(f"{result['status']}: {len(result['tensors'])} tensors, {result['bytes_written']} bytes written to {args.ckpt}")
+    return 0
 
 
-def cmd_verify(args) -> None:
-    from .verify import print_verification, verify
+def cmd_verify(args) -> int:
+    from .html_report import render_html, summary_lines
+    from .journal import write_file_atomic
+    from .verification import exit_status, verify
 
     result = verify(args.original, args.unlearned, args.forget, args.retain, device=args.device, text_path=args.text,
-                    probes=not args.no_probes)
-    print_verification(result)
-    from .checkpoint import write_file_atomic
-
+                    probes=not args.no_probes, max_forget_accuracy=args.max_forget_accuracy,
+                    max_forget_choice_accuracy=args.max_forget_choice_accuracy, max_retain_drop=args.max_retain_drop,
+                    max_text_nll_change=args.max_text_nll_change)
     if args.report:
         write_file_atomic(args.report, (json.dumps(result, indent=2) + "\n").encode())
-        print(f"report: {args.report}")
     if args.html:
-        from .html_report import render_html
-
         write_file_atomic(args.html, render_html(result).encode())
-        print(f"html: {args.html}")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return exit_status(result)
+    print_metrics(result["metrics"])
+    print()
+    print("\n".join(summary_lines(result)))
+    for c in result["checks"]:
+        print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['check']}" + (f" ({c['detail']})" if c["detail"] else ""))
+    for path, what in ((args.report, "report"), (args.html, "html")):
+        if path:
+            print(f"{what}: {path}")
+    failed = [c["check"] for c in result["checks"] if not c["passed"]]
+    if failed:
+        print(f"fastunlearn: verify failed: {'; '.join(failed)}", file=sys.stderr)
+    return exit_status(result)
 
 
-def cmd_report(args) -> None:
+def cmd_report(args) -> int:
     from .html_report import load_report, render_html, summary_lines
 
     report = load_report(args.report)
     print("\n".join(summary_lines(report)))
     if args.html:
-        from .checkpoint import write_file_atomic
+        from .journal import write_file_atomic
 
         write_file_atomic(args.html, render_html(report).encode())
         print(f"html: {args.html}")
+    return 0
 
 
-def cmd_demo(args) -> None:
-    from .demo import run_demo
+def cmd_demo(args) -> int:
+    from .worlds.demo import run_demo
 
-    run_demo(args.workdir, device=args.device)
+    run_demo(args.workdir, device=args.device, log=print)
+    return 0
 
 
 def quiet_transformers() -> None:
@@ -160,15 +190,14 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     quiet_transformers()
     try:
-        {"apply": cmd_apply, "patch": cmd_patch, "verify": cmd_verify, "report": cmd_report,
-         "demo": cmd_demo}[args.command](args)
+        return {"apply": cmd_apply, "patch": cmd_patch, "verify": cmd_verify, "report": cmd_report,
+                "demo": cmd_demo}[args.command](args)
     except UserError as e:
         print(f"fastunlearn: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_status
     except KeyboardInterrupt:
         print("fastunlearn: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -24,9 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .batches import Batch, make_batches
 from .data import Item
 from .errors import UserError
-from .unlearn import Batch, Loaded, Sample, answer_hidden, cache_samples, make_batches, score, sequence_nll
+from .features import Sample, cache_samples
+from .forward import answer_hidden, score, sequence_nll
+from .load import Loaded
 
 
 @dataclass

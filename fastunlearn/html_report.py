@@ -178,6 +178,9 @@ def render_html(report: dict) -> str:
         f'<p class="note">Created {html.escape(str(report.get("created_utc", "")))}. This page shows hashes, numbers and '
         "settings only: the forgotten pictures, questions and answers are not in it.</p>",
         "<h2>Summary</h2><ul class=\"summary\">" + "".join(f"<li>{html.escape(l)}</li>" for l in summary_lines(report)) + "</ul>",
+        *(["<h2>Checks</h2>", _table(["check", "result", "detail"],
+                                      [[c["check"], "pass" if c["passed"] else "FAIL", c.get("detail", "")]
+                                       for c in report["checks"]])] if "checks" in report else []),
         "<h2>Before and after</h2>",
         '<p class="note">Share of questions answered correctly. On forgotten pictures the aim is chance level; '
         "on everything else the aim is no change.</p>",

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastunlearn import bench_world as bw  # noqa: E402
-from fastunlearn import world  # noqa: E402
+from fastunlearn.worlds import bench as bw  # noqa: E402
+from fastunlearn.worlds import people as world  # noqa: E402
 
 FOLDERS = {"llava": "llava-people20", "qwen2_vl": "qwen2vl-people20"}
 

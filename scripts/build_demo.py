@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastunlearn import world  # noqa: E402
+from fastunlearn.worlds import people as world  # noqa: E402
 
 FOLDERS = {"llava": "llava-people", "qwen2_vl": "qwen2vl-people"}
 

@@ -32,7 +32,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from fastunlearn import checkpoint as ck
+from fastunlearn import delta
+from fastunlearn import safetensors_io as st
 from fastunlearn.errors import UserError
 
 DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "U16", "X", "f32", "", 3, None]
@@ -45,9 +46,9 @@ def base_files() -> list[tuple[str, bytes]]:
               "e": torch.zeros(0, 5), "i": torch.arange(6, dtype=torch.int64).reshape(2, 3)}, metadata={"format": "pt"})
     b = save({"x": torch.randn(2, 2, generator=g).bfloat16(), "s": torch.tensor(1.5)})
     old, new = torch.randn(3, 2, generator=g), torch.randn(3, 2, generator=g)
-    delta = save({"proj.w": new}, metadata={ck.DELTA_KEY: json.dumps({"proj.w": {
-        "before_sha256": ck.sha256_bytes(ck.tensor_to_bytes(old)), "after_sha256": ck.sha256_bytes(ck.tensor_to_bytes(new))}})})
-    return [("a", a), ("b", b), ("delta", delta)]
+    delta_file = save({"proj.w": new}, metadata={delta.DELTA_KEY: json.dumps({"proj.w": {
+        "before_sha256": st.sha256_bytes(st.tensor_to_bytes(old)), "after_sha256": st.sha256_bytes(st.tensor_to_bytes(new))}})})
+    return [("a", a), ("b", b), ("delta", delta_file)]
 
 
 def split(blob: bytes):
@@ -143,9 +144,9 @@ def mutate(rng: random.Random, blob: bytes) -> bytes:
         elif op == "drop" and names:
             del obj[rng.choice(names)]
         elif op == "metadata":
-            obj["__metadata__"] = rng.choice([{"a": 1}, "x", [], {"a": "b"}, None, {ck.DELTA_KEY: "{bad"},
-                                              {ck.DELTA_KEY: json.dumps({n: "x" for n in names})},
-                                              {ck.DELTA_KEY: "[" * 100000 + "]" * 100000}])
+            obj["__metadata__"] = rng.choice([{"a": 1}, "x", [], {"a": "b"}, None, {delta.DELTA_KEY: "{bad"},
+                                              {delta.DELTA_KEY: json.dumps({n: "x" for n in names})},
+                                              {delta.DELTA_KEY: "[" * 100000 + "]" * 100000}])
         elif op == "list":
             obj = [obj]
         elif op == "entry_type" and names:
@@ -170,17 +171,17 @@ def check_read(path: Path, kind: str) -> str:
     """'refused' or 'read' (verified against safe_open); raises AssertionError otherwise."""
     try:
         if kind == "delta":
-            changes = ck.load_delta(path)
+            changes = delta.load_delta(path)
             parsed = {c["name"]: c["data"] for c in changes}
         else:
-            header = ck.read_header(path)
-            parsed = {name: ck.read_bytes(info) for name, info in header.tensors.items()}
+            header = st.read_header(path)
+            parsed = {name: st.read_bytes(info) for name, info in header.tensors.items()}
     except UserError as e:
         assert "\n" not in str(e) and str(e), f"not a one-line message: {str(e)[:300]!r}"
         return "refused"
     try:
         with safe_open(path, "pt") as f:
-            theirs = {name: ck.tensor_to_bytes(f.get_tensor(name)) for name in f.keys()}
+            theirs = {name: st.tensor_to_bytes(f.get_tensor(name)) for name in f.keys()}
     except Exception as e:  # noqa: BLE001 - any refusal by the reference reader is a finding
         raise AssertionError(f"fastunlearn read a file safetensors refuses ({e})") from None
     assert parsed == theirs if kind != "delta" else all(theirs[n] == d for n, d in parsed.items()), "bytes differ from safe_open"
@@ -198,10 +199,10 @@ def check_index(rng: random.Random, folder: Path, blob: bytes) -> str:
     if not (folder / "config.json").exists():
         (folder / "config.json").write_text('{"model_type": "llava"}')
         (folder / "model-1.safetensors").write_bytes(blob)
-    (folder / ck.INDEX_FILE).unlink(missing_ok=True)
-    (folder / ck.INDEX_FILE).write_bytes(bytes(h))
+    (folder / st.INDEX_FILE).unlink(missing_ok=True)
+    (folder / st.INDEX_FILE).write_bytes(bytes(h))
     try:
-        stored = ck.read_checkpoint(folder)
+        stored = st.read_checkpoint(folder)
     except UserError as e:
         assert "\n" not in str(e), f"not a one-line message: {str(e)[:300]!r}"
         return "refused"

@@ -3,7 +3,7 @@
     python scripts/memory_bound.py --pictures 500 5000 [--workdir build/memory] [--feature-memory-mb 0]
 
 For each size N: writes N pictures of the synthetic world (two people, N/2 each, one QA line a
-picture) with fastunlearn.world.write_folder, runs `python -m fastunlearn apply ... --dry-run
+picture) with fastunlearn.worlds.people.write_folder, runs `python -m fastunlearn apply ... --dry-run
 --steps 2 --views 0` under /usr/bin/time -v in a fresh process, and prints its peak RSS and the
 report's phase times. With --feature-memory-mb 0 (FASTUNLEARN_FEATURE_MEMORY_MB) every cached
 feature goes to disk and is read back per batch.
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from fastunlearn import world
+from fastunlearn.worlds import people as world
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ else:
 import pytest
 import torch
 
-from fastunlearn import world
+from fastunlearn.worlds import people as world
 
 ASSETS = {"llava": "llava-people", "qwen2_vl": "qwen2vl-people"}
 FORGET = (1, 4)

@@ -6,7 +6,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fastunlearn import checkpoint as ck
+from fastunlearn import delta, journal
+from fastunlearn import safetensors_io as st
 from fastunlearn.errors import UserError
 
 
@@ -33,7 +34,7 @@ def make_ckpt(folder, tensors, shards=1):
         fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         save_file(part, folder / fname, metadata={"format": "pt"})
         weight_map.update({n: fname for n in part})
-    (folder / ck.INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / st.INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return folder
 
 
@@ -42,27 +43,27 @@ def test_header_matches_safe_open(tmp_path):
     tensors = {"b": torch.randn(3, 5, generator=g).bfloat16(), "a": torch.randn(7, generator=g).half(),
                "c": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
     save_file(tensors, tmp_path / "m.safetensors", metadata={"format": "pt"})
-    header = ck.read_header(tmp_path / "m.safetensors")
+    header = st.read_header(tmp_path / "m.safetensors")
     assert header.metadata == {"format": "pt"}
     with safe_open(tmp_path / "m.safetensors", "pt") as f:
         for name in tensors:
             info = header.tensors[name]
-            if info.dtype in ck.TORCH_DTYPES:
-                assert torch.equal(ck.read_tensor(info), f.get_tensor(name))
-            assert ck.read_bytes(info) == ck.tensor_to_bytes(f.get_tensor(name))
+            if info.dtype in st.TORCH_DTYPES:
+                assert torch.equal(st.read_tensor(info), f.get_tensor(name))
+            assert st.read_bytes(info) == st.tensor_to_bytes(f.get_tensor(name))
 
 
 def test_unaligned_unpadded_any_key_order(tmp_path):
     w = torch.tensor([1.5, -2.0, 3.25], dtype=torch.float32)
     h = torch.tensor([7.0], dtype=torch.float16)
     # h's bytes first although listed second; odd header length, trailing spaces as padding
-    data = ck.tensor_to_bytes(h) + ck.tensor_to_bytes(w)
+    data = st.tensor_to_bytes(h) + st.tensor_to_bytes(w)
     path = raw_safetensors(tmp_path / "x.safetensors",
                            {"w": {"dtype": "F32", "shape": [3], "data_offsets": [2, 14]},
                             "h": {"dtype": "F16", "shape": [1], "data_offsets": [0, 2]}}, data, pad=b"   ")
-    header = ck.read_header(path)
-    assert torch.equal(ck.read_tensor(header.tensors["w"]), w)
-    assert torch.equal(ck.read_tensor(header.tensors["h"]), h)
+    header = st.read_header(path)
+    assert torch.equal(st.read_tensor(header.tensors["w"]), w)
+    assert torch.equal(st.read_tensor(header.tensors["h"]), h)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -105,33 +106,33 @@ def test_malformed_headers_are_refused(tmp_path, case, message):
     elif case == "bad_metadata":
         raw_safetensors(path, ok, data8, metadata={"format": 3})
     with pytest.raises(UserError, match=message):
-        ck.read_header(path)
+        st.read_header(path)
 
 
 def test_folder_errors(tmp_path):
     with pytest.raises(UserError, match="not a folder"):
-        ck.weight_files(tmp_path / "missing")
+        st.weight_files(tmp_path / "missing")
     (tmp_path / "x").mkdir()
     with pytest.raises(UserError, match="no config.json"):
-        ck.weight_files(tmp_path / "x")
+        st.weight_files(tmp_path / "x")
     (tmp_path / "x" / "config.json").write_text("{}")
     (tmp_path / "x" / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(UserError, match="pickle"):
-        ck.weight_files(tmp_path / "x")
+        st.weight_files(tmp_path / "x")
 
 
 def test_sharded_index_is_checked(tmp_path):
     tensors = {f"t{i}": torch.full((4,), float(i)) for i in range(5)}
     folder = make_ckpt(tmp_path / "c", tensors, shards=2)
-    stored = ck.read_checkpoint(folder)
+    stored = st.read_checkpoint(folder)
     assert set(stored) == set(tensors)
     assert len({info.file for info in stored.values()}) == 2
-    index = json.loads((folder / ck.INDEX_FILE).read_text())
+    index = json.loads((folder / st.INDEX_FILE).read_text())
     index["weight_map"]["t0"] = "model-00002-of-00002.safetensors" if stored["t0"].file.name.startswith("model-00001") \
         else "model-00001-of-00002.safetensors"
-    (folder / ck.INDEX_FILE).write_text(json.dumps(index))
+    (folder / st.INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(UserError, match="says 't0' is in"):
-        ck.read_checkpoint(folder)
+        st.read_checkpoint(folder)
 
 
 def _snapshot(folder):
@@ -145,9 +146,9 @@ def test_patch_in_place_touches_only_the_ranges(tmp_path, dtype):
                "z": torch.randn(3, generator=g).to(dtype)}
     folder = make_ckpt(tmp_path / "c", tensors, shards=2)
     before = _snapshot(folder)
-    info = ck.read_checkpoint(folder)["proj.w"]
+    info = st.read_checkpoint(folder)["proj.w"]
     new = (tensors["proj.w"].float() * 2 + 1).to(dtype)
-    ck.patch_in_place(folder, [(info.file.name, info.start, ck.tensor_to_bytes(new))])
+    journal.patch_in_place(folder, [(info.file.name, info.start, st.tensor_to_bytes(new))])
     after = _snapshot(folder)
     assert set(after) == set(before)  # no journal or lock file left behind
     for name in before:
@@ -162,8 +163,8 @@ def test_patch_in_place_touches_only_the_ranges(tmp_path, dtype):
 def _journal_case(tmp_path):
     tensors = {"w": torch.zeros(8), "v": torch.ones(4)}
     folder = make_ckpt(tmp_path / "c", tensors)
-    info = ck.read_checkpoint(folder)["w"]
-    new = ck.tensor_to_bytes(torch.full((8,), 3.0))
+    info = st.read_checkpoint(folder)["w"]
+    new = st.tensor_to_bytes(torch.full((8,), 3.0))
     writes = [("model.safetensors", info.start, new)]
     return folder, info, writes, (folder / "model.safetensors").read_bytes()
 
@@ -171,33 +172,33 @@ def _journal_case(tmp_path):
 def test_recover_replays_a_committed_journal(tmp_path):
     folder, info, writes, old = _journal_case(tmp_path)
     # crash after the commit, in the middle of the data write: half the new bytes are in place
-    (folder / ck.JOURNAL).write_bytes(ck._encode_journal(writes))
+    (folder / journal.JOURNAL).write_bytes(journal._encode_journal(writes))
     half = writes[0][2][:13]
     with open(folder / "model.safetensors", "r+b") as f:
         f.seek(info.start)
         f.write(half)
-    assert ck.recover(folder) is True
+    assert journal.recover(folder) is True
     expected = old[: info.start] + writes[0][2] + old[info.end :]
     assert (folder / "model.safetensors").read_bytes() == expected
-    assert not (folder / ck.JOURNAL).exists()
+    assert not (folder / journal.JOURNAL).exists()
 
 
 def test_recover_drops_an_uncommitted_journal(tmp_path):
     folder, info, writes, old = _journal_case(tmp_path)
-    blob = ck._encode_journal(writes)
-    (folder / (ck.JOURNAL + ".tmp")).write_bytes(blob[: len(blob) // 2])  # crash while writing the journal
-    assert ck.recover(folder) is False
+    blob = journal._encode_journal(writes)
+    (folder / (journal.JOURNAL + ".tmp")).write_bytes(blob[: len(blob) // 2])  # crash while writing the journal
+    assert journal.recover(folder) is False
     assert (folder / "model.safetensors").read_bytes() == old
-    assert not (folder / (ck.JOURNAL + ".tmp")).exists()
+    assert not (folder / (journal.JOURNAL + ".tmp")).exists()
 
 
 def test_damaged_committed_journal_is_an_error(tmp_path):
     folder, _, writes, old = _journal_case(tmp_path)
-    blob = bytearray(ck._encode_journal(writes))
+    blob = bytearray(journal._encode_journal(writes))
     blob[-1] ^= 0xFF
-    (folder / ck.JOURNAL).write_bytes(bytes(blob))
+    (folder / journal.JOURNAL).write_bytes(bytes(blob))
     with pytest.raises(UserError, match="damaged journal"):
-        ck.recover(folder)
+        journal.recover(folder)
     assert (folder / "model.safetensors").read_bytes() == old
 
 
@@ -214,24 +215,24 @@ def test_lock_refuses_a_second_writer(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserError, match="busy"):
-            with ck.locked(folder):
+            with journal.locked(folder):
                 pass
     finally:
         holder.kill()
         holder.wait()
-    with ck.locked(folder):
-        with ck.locked(folder):  # re-entrant in one process
+    with journal.locked(folder):
+        with journal.locked(folder):  # re-entrant in one process
             pass
 
 
 def test_delta_roundtrip_and_guards(tmp_path):
     w = torch.randn(4, 3).bfloat16()
     new = (w.float() + 0.5).bfloat16()
-    changes = [{"name": "proj.w", "new": new, "before_sha256": ck.sha256_bytes(ck.tensor_to_bytes(w)),
-                "after_sha256": ck.sha256_bytes(ck.tensor_to_bytes(new))}]
-    ck.save_delta(tmp_path / "d.safetensors", changes)
-    loaded = ck.load_delta(tmp_path / "d.safetensors")
-    assert loaded[0]["data"] == ck.tensor_to_bytes(new) and loaded[0]["dtype"] == "BF16"
+    changes = [{"name": "proj.w", "new": new, "before_sha256": st.sha256_bytes(st.tensor_to_bytes(w)),
+                "after_sha256": st.sha256_bytes(st.tensor_to_bytes(new))}]
+    delta.save_delta(tmp_path / "d.safetensors", changes)
+    loaded = delta.load_delta(tmp_path / "d.safetensors")
+    assert loaded[0]["data"] == st.tensor_to_bytes(new) and loaded[0]["dtype"] == "BF16"
     save_file({"x": torch.zeros(1)}, tmp_path / "plain.safetensors")
     with pytest.raises(UserError, match="not a fastunlearn delta"):
-        ck.load_delta(tmp_path / "plain.safetensors")
+        delta.load_delta(tmp_path / "plain.safetensors")

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from fastunlearn import evaluate as ev
-from fastunlearn import world
+from fastunlearn.worlds import people as world
 from fastunlearn.data import Item, read_folder
-from fastunlearn.unlearn import cache_samples, drop_vision_tower, master_params, open_checkpoint
+from fastunlearn.features import cache_samples, drop_vision_tower
+from fastunlearn.load import master_params, open_checkpoint
 
 from conftest import FORGET, asset
 

@@ -5,7 +5,7 @@ The kill trials run the real command line (`fastunlearn.cli.main`, what `python 
 runs) in processes forked from one pre-imported server process: importing torch and transformers
 takes ~1.7 s per process here, forking takes milliseconds, so 50+ trials fit in the CI budget.
 Deterministic kills inside the write use the inert-by-default hook FASTUNLEARN_TEST_PAUSE_AT
-(fastunlearn.checkpoint.test_pause). A longer soak: FASTUNLEARN_KILL_TRIALS=500 pytest tests/test_faults.py.
+(fastunlearn.journal.test_pause). A longer soak: FASTUNLEARN_KILL_TRIALS=500 pytest tests/test_faults.py.
 """
 import errno
 import hashlib
@@ -23,17 +23,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastunlearn import checkpoint as ck
-from fastunlearn import world
+from fastunlearn import journal
+from fastunlearn import safetensors_io as st
+from fastunlearn.worlds import people as world
 from fastunlearn.errors import UserError
-from fastunlearn.unlearn import write_result
+from fastunlearn.write import write_result
 
 from conftest import FORGET, tree
 
 SERVER = r"""
 import json, os, sys, traceback
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-import fastunlearn.cli, fastunlearn.unlearn, fastunlearn.patch, fastunlearn.report  # import once, fork per run
+import fastunlearn.cli, fastunlearn.job, fastunlearn.patching, fastunlearn.report  # import once, fork per run
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from fastunlearn.cli import main, quiet_transformers
 quiet_transformers()
@@ -187,11 +188,11 @@ def test_sigkill_apply_and_patch_leave_old_or_new(runner, references, forget, tm
         status = runner.wait(pid)
         killed = status["signal"] == signal.SIGKILL
         assert killed or status["code"] == 0, log.read_text()
-        journal = "committed journal" if (ckpt / ck.JOURNAL).exists() else \
-            "uncommitted journal" if (ckpt / (ck.JOURNAL + ".tmp")).exists() else "no journal"
+        journal_state = "committed journal" if (ckpt / journal.JOURNAL).exists() else \
+            "uncommitted journal" if (ckpt / (journal.JOURNAL + ".tmp")).exists() else "no journal"
 
         # the next fastunlearn command first runs recover(), then finds the files wholly old or new
-        ck.recover(ckpt)
+        journal.recover(ckpt)
         found = state(ckpt, ref)
         assert found in ("old", "new"), (trials[i], found)
         if command == "apply" and found == "old":  # the re-run of apply completes, to the same bytes
@@ -201,8 +202,8 @@ def test_sigkill_apply_and_patch_leave_old_or_new(runner, references, forget, tm
             rerun, out = runner.run(["patch", ckpt, ref["delta"]])
             assert rerun["code"] == 0 and ("already patched" in out) == (found == "new"), out
         assert state(ckpt, ref) == "new", (trials[i], state(ckpt, ref))
-        assert not (ckpt / ck.JOURNAL).exists() and not (ckpt / (ck.JOURNAL + ".tmp")).exists()
-        outcomes[(command, how, "killed" if killed else "finished first", journal, f"found {found}")] += 1
+        assert not (ckpt / journal.JOURNAL).exists() and not (ckpt / (journal.JOURNAL + ".tmp")).exists()
+        outcomes[(command, how, "killed" if killed else "finished first", journal_state, f"found {found}")] += 1
         shutil.rmtree(ckpt)
     print(f"\nkill trials: {len(trials)} (unkilled patch runs took {durations} s)")
     for key, n in sorted(outcomes.items()):
@@ -221,7 +222,7 @@ def test_two_jobs_at_once_one_says_busy(runner, references, forget, tmp_path):
     assert state(ckpt, ref) == "old"  # neither wrote while the first holds it
     assert runner.wait(first)["code"] == 0, first_log.read_text()
     for status, text in ((second, out), (third, out3)):
-        assert status["code"] == 2 and "checkpoint is busy" in text, text
+        assert status["code"] == 7 and "checkpoint is busy" in text, text
     assert state(ckpt, ref) == "new"  # exactly the first job's bytes: nothing interleaved
 
 
@@ -230,19 +231,19 @@ def test_two_jobs_at_once_one_says_busy(runner, references, forget, tmp_path):
 
 def fake_result(ckpt: Path, scale=2.0) -> dict:
     """A projector change as the job would produce it (write_result reads only `changes`)."""
-    stored = ck.read_checkpoint(ckpt)
+    stored = st.read_checkpoint(ckpt)
     changes = []
     for name in ("multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.bias"):
         info = stored[name]
-        old = ck.read_bytes(info)
-        new = ck.tensor_to_bytes(ck.bytes_to_tensor(old, info.dtype, info.shape) * scale + 1)
+        old = st.read_bytes(info)
+        new = st.tensor_to_bytes(st.bytes_to_tensor(old, info.dtype, info.shape) * scale + 1)
         changes.append({"name": name, "file": info.file.name, "byte_range": [info.start, info.end],
-                        "before_sha256": ck.sha256_bytes(old), "after_sha256": ck.sha256_bytes(new), "data": new})
+                        "before_sha256": st.sha256_bytes(old), "after_sha256": st.sha256_bytes(new), "data": new})
     return {"changes": changes}
 
 
 def stamps(ckpt):
-    return {p.resolve(): ck.file_stamp(p) for p in ck.weight_files(ckpt)}
+    return {p.resolve(): st.file_stamp(p) for p in st.weight_files(ckpt)}
 
 
 @pytest.fixture
@@ -252,7 +253,7 @@ def small(variant, fresh):
 
 def failing_write(monkeypatch, fail_calls):
     """_write_at writes half its bytes then raises EIO on the given call numbers (1-based)."""
-    real, calls = ck._write_at, [0]
+    real, calls = journal._write_at, [0]
 
     def write_at(f, offset, data):
         calls[0] += 1
@@ -261,19 +262,19 @@ def failing_write(monkeypatch, fail_calls):
             raise OSError(errno.EIO, "Input/output error")
         real(f, offset, data)
 
-    monkeypatch.setattr(ck, "_write_at", write_at)
+    monkeypatch.setattr(journal, "_write_at", write_at)
 
 
 def test_disk_full_writing_the_journal_changes_nothing(small, monkeypatch):
     before = tree(small)
     result = fake_result(small)
-    real_encode = ck._encode_journal
+    real_encode = journal._encode_journal
 
     def full(writes):
         real_encode(writes)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ck, "_encode_journal", full)
+    monkeypatch.setattr(journal, "_encode_journal", full)
     with pytest.raises(UserError, match=r"cannot write the patch journal \(the disk is full\); the checkpoint is unchanged"):
         write_result(small, result, None, False, stamps(small))
     assert tree(small) == before  # no journal left either
@@ -293,9 +294,9 @@ def test_io_error_and_failed_undo_leave_a_journal_that_finishes(small, monkeypat
     failing_write(monkeypatch, {2, 3})  # the write fails, and so does the undo
     with pytest.raises(UserError, match="mid-patch, kept consistent by .fastunlearn-journal"):
         write_result(small, result, None, False, stamps(small))
-    assert (small / ck.JOURNAL).exists()
+    assert (small / journal.JOURNAL).exists()
     monkeypatch.undo()  # the disk works again: the next command finishes the patch
-    assert ck.recover(small) is True
+    assert journal.recover(small) is True
     expected = {name: bytearray(data) for name, data in before.items()}
     for c in result["changes"]:
         lo, hi = c["byte_range"]
@@ -310,7 +311,7 @@ def test_failed_out_leaves_no_folder(small, monkeypatch, tmp_path):
     def full(root):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ck, "fsync_tree", full)
+    monkeypatch.setattr(journal, "fsync_tree", full)
     with pytest.raises(UserError, match=r"--out .*writing the new checkpoint failed \(the disk is full\); nothing was written"):
         write_result(small, fake_result(small), out, False, stamps(small))
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
@@ -321,7 +322,7 @@ def test_failed_out_leaves_no_folder(small, monkeypatch, tmp_path):
         (Path(dst) / "config.json").write_text("{}")
         raise shutil.Error([("model.safetensors", str(dst), "No space left on device")])
 
-    monkeypatch.setattr(ck.shutil, "copytree", partial_copy)
+    monkeypatch.setattr(journal.shutil, "copytree", partial_copy)
     with pytest.raises(UserError, match="cannot copy the checkpoint .*nothing was written"):
         write_result(small, fake_result(small), out, False, stamps(small))
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
@@ -348,15 +349,15 @@ def test_projector_rewritten_with_same_stamp_is_detected(small):
 
 def test_source_changed_while_copying_to_out(small, monkeypatch, tmp_path):
     result, marks = fake_result(small), stamps(small)
-    real = ck.copy_checkpoint
+    real = journal.copy_checkpoint
 
     def copy_then_rewrite(src, dst):
         tmp = real(src, dst)
-        shard = ck.weight_files(small)[0]
+        shard = st.weight_files(small)[0]
         shard.write_bytes(shard.read_bytes())  # another tool rewrote a shard during the copy
         return tmp
 
-    monkeypatch.setattr(ck, "copy_checkpoint", copy_then_rewrite)
+    monkeypatch.setattr(journal, "copy_checkpoint", copy_then_rewrite)
     with pytest.raises(UserError, match="changed on disk while the job ran"):
         write_result(small, result, tmp_path / "out", False, marks)
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
@@ -365,7 +366,8 @@ def test_source_changed_while_copying_to_out(small, monkeypatch, tmp_path):
 def test_read_only_source_with_out(variant, fresh, forget, tmp_path, monkeypatch):
     """As root, permissions are not enforced: os.access is made to report the source read-only,
     and an audit hook records every open() for writing; none may touch the source."""
-    from fastunlearn.unlearn import Config, apply
+    from fastunlearn.config import Config
+    from fastunlearn.job import apply
 
     ckpt = fresh(variant("llava"))
     real = os.access
@@ -376,7 +378,7 @@ def test_read_only_source_with_out(variant, fresh, forget, tmp_path, monkeypatch
     AUDIT.append(lambda path, mode, flags: writes.append(path) if str(path).startswith(str(ckpt)) and (
         (isinstance(mode, str) and any(m in mode for m in "wax+")) or (flags or 0) & (os.O_WRONLY | os.O_RDWR)) else None)
     try:
-        report = apply(ckpt, forget, out=tmp_path / "out", cfg=Config(steps=2, views=0, device="cpu"), log=lambda *_: None)
+        report = apply(ckpt, forget, out=tmp_path / "out", config=Config(steps=2, views=0, device="cpu"), log=lambda *_: None)
     finally:
         AUDIT.clear()
     assert report["byte_proof"]["all_other_bytes_unchanged"]
@@ -398,7 +400,8 @@ sys.addaudithook(_audit)
 
 def test_feature_cache_spills_past_its_budget(monkeypatch):
     """Memory bounded by the budget, not the folder: past it, features go to disk and come back exact."""
-    from fastunlearn.unlearn import BatchFeatures, FeatureCache, SpilledFeatures
+    from fastunlearn.batches import BatchFeatures
+    from fastunlearn.features import FeatureCache, SpilledFeatures
 
     cache = FeatureCache(budget=3 * 64 * 8 * 4)  # room for three [64, 8] fp32 features
     feats = {i: torch.randn(64, 8, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16 if i % 2 else torch.float32)

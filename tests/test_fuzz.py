@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fastunlearn import checkpoint as ck
+from fastunlearn import safetensors_io as st
 from fastunlearn.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
@@ -41,7 +41,7 @@ def test_huge_length_prefix_reads_nothing_big(tmp_path, prefix):
     path = _file(tmp_path, prefix, b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', bytes(4))
     tracemalloc.start()
     with pytest.raises(UserError, match="does not fit"):
-        ck.read_header(path)
+        st.read_header(path)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 1 << 20
@@ -53,10 +53,10 @@ def test_shape_products_past_48_and_64_bits(tmp_path, shape):
     header = json.dumps({"a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}).encode()
     path = _file(tmp_path, len(header), header)
     if 0 in shape:
-        assert ck.read_header(path).tensors["a"].shape == tuple(shape)  # zero elements, zero bytes: valid
+        assert st.read_header(path).tensors["a"].shape == tuple(shape)  # zero elements, zero bytes: valid
     else:
         with pytest.raises(UserError, match="0 bytes for F32"):
-            ck.read_header(path)
+            st.read_header(path)
 
 
 def test_big_valid_header_is_read_in_bounded_time(tmp_path):
@@ -67,11 +67,11 @@ def test_big_valid_header_is_read_in_bounded_time(tmp_path):
     header = json.dumps(entries).encode() + b" " * (20 * 2**20)
     path = _file(tmp_path, len(header), header)
     t = time.perf_counter()
-    assert len(ck.read_header(path).tensors) == 10_000
+    assert len(st.read_header(path).tensors) == 10_000
     assert time.perf_counter() - t < 10
 
 
 def test_deep_nesting_and_huge_numbers(tmp_path):
     for header in (b"[" * 200_000 + b"]" * 200_000, b'{"a": {"dtype": "F32", "shape": [' + b"9" * 10_000 + b'], "data_offsets": [0, 4]}}'):
         with pytest.raises(UserError, match="malformed safetensors header"):
-            ck.read_header(_file(tmp_path, len(header), header, bytes(4)))
+            st.read_header(_file(tmp_path, len(header), header, bytes(4)))

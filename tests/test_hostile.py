@@ -210,7 +210,7 @@ LIES = [
 
 @pytest.mark.parametrize("what, change, message", LIES, ids=[w for w, _, _ in LIES])
 def test_config_that_lies_fails_before_work(ckpt, forget, capsys, monkeypatch, what, change, message):
-    import fastunlearn.unlearn as job
+    import fastunlearn.job as job
 
     _lie(ckpt, change)
     (ckpt / "evil.py").write_text(f"open({str(ckpt / 'PWNED')!r}, 'w').write('x')\n")

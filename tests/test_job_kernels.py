@@ -1,7 +1,8 @@
 """The job with the Triton kernels (through the interpreter on CPU) gives the torch path's result."""
 import torch
 
-from fastunlearn.unlearn import Config, unlearn
+from fastunlearn.config import Config
+from fastunlearn.job import unlearn
 
 
 def test_job_under_the_interpreter_matches_the_torch_path(variant, folders, monkeypatch):

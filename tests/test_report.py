@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 
-from fastunlearn import checkpoint as ck
-from fastunlearn import world
+from fastunlearn import safetensors_io as st
+from fastunlearn.worlds import people as world
 from fastunlearn.cli import main
 from fastunlearn.report import delta_sha256
-from fastunlearn.verify import compare_checkpoints
+from fastunlearn.verification import compare_checkpoints
 
 from conftest import FORGET, asset
 
@@ -94,9 +94,9 @@ def test_apply_report_records_how_to_reproduce(reports):
 
 def test_a_changed_byte_outside_the_projector_is_caught(reports, tmp_path):
     tampered = shutil.copytree(reports["out"], tmp_path / "tampered")
-    info = ck.read_checkpoint(tampered)["language_model.lm_head.weight"]
+    info = st.read_checkpoint(tampered)["language_model.lm_head.weight"]
     with open(info.file, "r+b") as f:
-        f.seek(8 + ck.read_header(info.file).length + info.start)
+        f.seek(8 + st.read_header(info.file).length + info.start)
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 1]))
@@ -114,7 +114,7 @@ def test_report_command_rejects_what_is_not_a_report(tmp_path, capsys):
 
 def test_probe_split_keeps_every_picture_in_one_half(tmp_path):
     from fastunlearn.data import Item
-    from fastunlearn.verify import split_pictures
+    from fastunlearn.verification import split_pictures
 
     items = [Item(tmp_path / f"{s}{k}.png", q, "a", s) for s in ("x", "y") for k in range(4) for q in ("Q1", "Q2")]
     train, test = split_pictures(items)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastunlearn import world
+from fastunlearn.worlds import people as world
 
 ASSETS = world.demo_assets_dir()
 LLAVA_DIR = ASSETS / "llava-people"

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import world
-from .data import Item
+from ..data import Item
+from . import people as world
 
 FIRST = ["Ada", "Bela", "Cyrus", "Dora", "Elif", "Felix", "Gita", "Hanno", "Ines", "Jonas",
          "Kira", "Lior", "Mina", "Nils", "Omar", "Pia", "Quinn", "Rosa", "Sami", "Tove"]

@@ -12,11 +12,12 @@ import shutil
 import time
 from pathlib import Path
 
-from . import world
-from .data import Item
-from .errors import UserError
-from .unlearn import Config, apply, pick_device
-from .verify import evaluate_checkpoint
+from ..config import Config, pick_device
+from ..data import Item
+from ..errors import UserError
+from ..job import apply
+from ..verification import evaluate_checkpoint
+from . import people as world
 
 FORGET_PEOPLE = (1, 4)  # Bruno Tanaka, Emil Ruiz
 FORGET_PICTURES, RETAIN_PICTURES, HELDOUT_PICTURES = 6, 6, 10
@@ -70,7 +71,7 @@ def run_demo(workdir: Path, device: str = "auto", log=print) -> dict:
     dev = pick_device(device)
     before = evaluate_checkpoint(demo_checkpoint(), sets, dev)
     report = apply(demo_checkpoint(), workdir / "forget", workdir / "retain", out=workdir / "unlearned",
-                   cfg=Config(device=device), log=log)
+                   config=Config(device=device), log=log)
     after = evaluate_checkpoint(workdir / "unlearned", sets, dev)
 
     chance = 1 / len(world.PEOPLE)

@@ -4,39 +4,41 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import checkpoint as ck
-from .errors import UserError
+from . import journal
+from . import safetensors_io as st
+from .delta import load_delta
+from .errors import UserError, WrongCheckpoint
 
 
 def patch(ckpt: Path, delta: Path) -> dict:
     ckpt = Path(ckpt)
-    ck.weight_files(ckpt)  # a checkpoint folder at all
-    changes = ck.load_delta(Path(delta))
-    ck.recover(ckpt)  # finish an interrupted patch before reading the bytes
-    with ck.locked(ckpt):  # read, check and write under one lock: no other job interleaves
-        stored = ck.read_checkpoint(ckpt)
+    st.weight_files(ckpt)  # a checkpoint folder at all
+    changes = load_delta(Path(delta))
+    journal.recover(ckpt)  # finish an interrupted patch before reading the bytes
+    with journal.locked(ckpt):  # read, check and write under one lock: no other job interleaves
+        stored = st.read_checkpoint(ckpt)
         writes, tensors, already = [], [], 0
         for c in changes:
             info = stored.get(c["name"])
             if info is None:
-                raise UserError(f"{delta}: tensor {c['name']!r} is not in {ckpt}; this delta was made for another checkpoint")
+                raise WrongCheckpoint(f"{delta}: tensor {c['name']!r} is not in {ckpt}; this delta was made for another checkpoint")
             if info.dtype != c["dtype"] or info.shape != tuple(c["shape"]):
-                raise UserError(f"{delta}: tensor {c['name']!r} is {c['dtype']} {list(c['shape'])} in the delta but "
+                raise WrongCheckpoint(f"{delta}: tensor {c['name']!r} is {c['dtype']} {list(c['shape'])} in the delta but "
                                 f"{info.dtype} {list(info.shape)} in {ckpt}")
-            current = ck.sha256_bytes(ck.read_bytes(info))
+            current = st.sha256_bytes(st.read_bytes(info))
             if current == c["after_sha256"]:
                 already += 1
             elif current == c["before_sha256"]:
                 writes.append((str(info.file.relative_to(ckpt)), info.start, c["data"]))
             else:
-                raise UserError(f"{ckpt}: tensor {c['name']!r} is neither the original nor the patched one; "
+                raise WrongCheckpoint(f"{ckpt}: tensor {c['name']!r} is neither the original nor the patched one; "
                                 "this delta was made for another checkpoint")
             tensors.append(c["name"])
         if writes:
             for path in [ckpt, *sorted({ckpt / rel for rel, _, _ in writes})]:
                 if not os.access(path, os.W_OK):
                     raise UserError(f"{path} is read-only; make it writable to patch it")
-            ck.patch_in_place(ckpt, writes)
+            journal.patch_in_place(ckpt, writes)
     status = "patched" if writes else "already patched"
     return {"status": status, "tensors": tensors, "bytes_written": sum(len(d) for _, _, d in writes),
             "already_patched": already}

@@ -624,4 +624,4 @@ def load(ckpt_dir, family: str | None = None):
 
 def demo_assets_dir() -> Path:
     """Where the shipped demo checkpoints live (fastunlearn/demo_assets)."""
-    return Path(__file__).resolve().parent / "demo_assets"
+    return Path(__file__).resolve().parents[1] / "demo_assets"

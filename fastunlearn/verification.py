@@ -9,13 +9,20 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ck
 from . import evaluate as ev
+from . import journal
+from . import safetensors_io as st
+from .batches import make_batches
+from .config import pick_device
 from .data import Item, read_folder
-from .errors import UserError
+from .errors import EXIT_PROOF_FAILED, EXIT_THRESHOLD_FAILED, UserError
+from .features import cache_samples, drop_vision_tower, fill_answers
+from .forward import score, summarize
+from .load import inspect_checkpoint, master_params, open_checkpoint
 from .report import describe_items, environment
-from .unlearn import (cache_samples, checkpoint_files, drop_vision_tower, fill_answers, hash_files, inspect_checkpoint,
-                      make_batches, master_params, open_checkpoint, pick_device, score, summarize)
+from .write import checkpoint_files, hash_files
+
+APPLY_REPORT = "unlearning_report.json"  # the one file apply adds to a checkpoint it writes
 
 
 def evaluate_checkpoint(ckpt: Path, item_sets: dict[str, list[Item]], device: torch.device, batch_size: int = 16,
@@ -43,7 +50,7 @@ def compare_checkpoints(original: Path, unlearned: Path) -> dict:
     files_a, files_b = checkpoint_files(original), checkpoint_files(unlearned)
     sha_a, _ = hash_files(original, files_a, desc="hashing original")
     sha_b, _ = hash_files(unlearned, files_b, desc="hashing unlearned")
-    tensors_a, tensors_b = ck.read_checkpoint(original), ck.read_checkpoint(unlearned)
+    tensors_a, tensors_b = st.read_checkpoint(original), st.read_checkpoint(unlearned)
     _, _, adapter = inspect_checkpoint(original)
 
     changed, headers_equal = [], True
@@ -51,21 +58,21 @@ def compare_checkpoints(original: Path, unlearned: Path) -> dict:
         b = tensors_b.get(name)
         if b is None or sha_a.get(a.file.name) == sha_b.get(b.file.name):
             continue
-        bytes_a, bytes_b = ck.read_bytes(a), ck.read_bytes(b)
+        bytes_a, bytes_b = st.read_bytes(a), st.read_bytes(b)
         if a.dtype != b.dtype or a.shape != b.shape or a.start != b.start:
             headers_equal = False
         if bytes_a == bytes_b:
             continue
         entry = {"name": name, "file": a.file.name, "byte_range": [a.start, a.end], "dtype": a.dtype,
                  "projector": (name.startswith(adapter.projector_prefix) or ("." + adapter.projector_prefix) in name),
-                 "sha256_original": ck.sha256_bytes(bytes_a), "sha256_unlearned": ck.sha256_bytes(bytes_b)}
-        if a.dtype in ck.TORCH_DTYPES and a.dtype == b.dtype and a.shape == b.shape:
-            ta, tb = ck.bytes_to_tensor(bytes_a, a.dtype, a.shape), ck.bytes_to_tensor(bytes_b, b.dtype, b.shape)
+                 "sha256_original": st.sha256_bytes(bytes_a), "sha256_unlearned": st.sha256_bytes(bytes_b)}
+        if a.dtype in st.TORCH_DTYPES and a.dtype == b.dtype and a.shape == b.shape:
+            ta, tb = st.bytes_to_tensor(bytes_a, a.dtype, a.shape), st.bytes_to_tensor(bytes_b, b.dtype, b.shape)
             entry["elements_changed"] = int((ta != tb).sum())
             entry["max_abs_delta"] = float((tb.double() - ta.double()).abs().max())
         changed.append(entry)
-    for path in ck.weight_files(original):
-        ha, hb = ck.read_header(path), ck.read_header(unlearned / path.name) if (unlearned / path.name).exists() else None
+    for path in st.weight_files(original):
+        ha, hb = st.read_header(path), st.read_header(unlearned / path.name) if (unlearned / path.name).exists() else None
         if hb is None or ha.length != hb.length or ha.metadata != hb.metadata:
             headers_equal = False
         else:
@@ -74,22 +81,75 @@ def compare_checkpoints(original: Path, unlearned: Path) -> dict:
 
     files = [{"name": n, "sha256_original": sha_a.get(n), "sha256_unlearned": sha_b.get(n),
               "identical": sha_a.get(n) == sha_b.get(n)} for n in sorted(set(sha_a) | set(sha_b))]
-    weight_names = {p.name for p in ck.weight_files(original)}
+    weight_names = {p.name for p in st.weight_files(original)}
     result = {
         "files": files,
         "changed_tensors": changed,
         "tensor_names_equal": set(tensors_a) == set(tensors_b),
         "headers_identical": headers_equal,
         "only_projector_changed": all(c["projector"] for c in changed),
+        "files_missing": [f["name"] for f in files if f["sha256_unlearned"] is None],
+        "files_added": [f["name"] for f in files if f["sha256_original"] is None and f["name"] != APPLY_REPORT],
         "non_weight_files_identical": all(
             f["identical"] for f in files if f["name"] not in weight_names and f["sha256_original"] is not None
         ),
     }
     # headers are validated contiguous (no holes): equal headers + equal tensor bytes = equal files
     result["all_other_bytes_unchanged"] = (result["tensor_names_equal"] and headers_equal
-                                           and result["only_projector_changed"] and result["non_weight_files_identical"])
+                                           and result["only_projector_changed"] and result["non_weight_files_identical"]
+                                           and not result["files_missing"] and not result["files_added"])
     result["bytes_changed_in_ranges"] = sum(c["byte_range"][1] - c["byte_range"][0] for c in changed)
     return result
+
+
+def byte_checks(comparison: dict) -> list[dict]:
+    """The byte proof as named checks; all must pass for verify to exit 0."""
+    others = [c["name"] for c in comparison["changed_tensors"] if not c["projector"]]
+    return [
+        _check("byte proof: only connector tensors changed", comparison["only_projector_changed"],
+               f"also changed: {', '.join(others[:5])}" if others else ""),
+        _check("byte proof: safetensors headers identical", comparison["headers_identical"]),
+        _check("byte proof: same tensor names in both checkpoints", comparison["tensor_names_equal"]),
+        _check("byte proof: no file missing or added", not comparison["files_missing"] and not comparison["files_added"],
+               "; ".join(filter(None, [f"missing: {', '.join(comparison['files_missing'])}" if comparison["files_missing"] else "",
+                                       f"added: {', '.join(comparison['files_added'])}" if comparison["files_added"] else ""]))),
+        _check("byte proof: every non-weight file identical", comparison["non_weight_files_identical"]),
+    ]
+
+
+def threshold_checks(evaluation: dict, limits: dict) -> list[dict]:
+    """The thresholds a pipeline asked for (fractions: 0.3 = 30%), each measured on the data given."""
+    before, after = evaluation["before"], evaluation["after"]
+    measured = {
+        "max_forget_accuracy": lambda: after["forget"]["exact_accuracy"],
+        "max_forget_choice_accuracy": lambda: after["forget"]["mc_accuracy"],
+        "max_retain_drop": lambda: before["retain"]["exact_accuracy"] - after["retain"]["exact_accuracy"],
+        "max_text_nll_change": lambda: evaluation["text_answer_nll_max_change"],
+    }
+    labels = {"max_forget_accuracy": "forgotten pictures, exact-answer accuracy",
+              "max_forget_choice_accuracy": "forgotten pictures, multiple-choice accuracy",
+              "max_retain_drop": "kept pictures, drop of exact-answer accuracy",
+              "max_text_nll_change": "text-only answers, largest NLL change"}
+    checks = []
+    for name, limit in limits.items():
+        if limit is None:
+            continue
+        value = round(float(measured[name]()), 6)
+        checks.append(_check(f"threshold: {labels[name]} <= {limit:g}", value <= limit, f"measured {value:g}",
+                             value=value, limit=limit))
+    return checks
+
+
+def _check(name: str, passed: bool, detail: str = "", **extra) -> dict:
+    return {"check": name, "passed": bool(passed), "detail": detail, **extra}
+
+
+def exit_status(result: dict) -> int:
+    """0 when every check passed; 3 when the byte proof failed; 4 when only a threshold failed."""
+    failed = [c["check"] for c in result["checks"] if not c["passed"]]
+    if any(name.startswith("byte proof") for name in failed):
+        return EXIT_PROOF_FAILED
+    return EXIT_THRESHOLD_FAILED if failed else 0
 
 
 def read_text_questions(path: Path) -> list[Item]:
@@ -170,7 +230,7 @@ def forgetting_metrics(loaded, forget: list[Item], retain: list[Item], text: lis
 
 def apply_report_of(unlearned: Path) -> dict | None:
     """The report `apply` wrote into the unlearned checkpoint, if any (it holds hashes, never content)."""
-    path = Path(unlearned) / "unlearning_report.json"
+    path = Path(unlearned) / APPLY_REPORT
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -178,11 +238,23 @@ def apply_report_of(unlearned: Path) -> dict | None:
 
 
 def verify(original: Path, unlearned: Path, forget_dir: Path, retain_dir: Path | None = None, device="auto",
-           text_path: Path | None = None, probes: bool = True) -> dict:
+           text_path: Path | None = None, probes: bool = True, max_forget_accuracy: float | None = None,
+           max_forget_choice_accuracy: float | None = None, max_retain_drop: float | None = None,
+           max_text_nll_change: float | None = None) -> dict:
+    """Recompute, independently of apply's report, what changed byte for byte between two checkpoints
+    and how both score on the given data. Returns the verification report as a plain dict; its
+    "checks" list says which checks passed, "passed" whether all did (`exit_status` maps it to the
+    CLI's exit status). Thresholds are fractions (0.3 = 30%); None leaves a threshold unchecked."""
+    limits = {"max_forget_accuracy": max_forget_accuracy, "max_forget_choice_accuracy": max_forget_choice_accuracy,
+              "max_retain_drop": max_retain_drop, "max_text_nll_change": max_text_nll_change}
+    if max_retain_drop is not None and retain_dir is None:
+        raise UserError("--max-retain-drop needs --retain DIR: the kept pictures to measure the drop on")
+    if max_text_nll_change is not None and text_path is None:
+        raise UserError("--max-text-nll-change needs --text QUESTIONS.jsonl: the text questions to measure it on")
     device = pick_device(device)
     for ckpt in (original, unlearned):
         inspect_checkpoint(ckpt)
-        ck.recover(ckpt)
+        journal.recover(ckpt)
     forget = read_folder(forget_dir, "forget")
     retain = read_folder(retain_dir, "retain") if retain_dir else []
     comparison = compare_checkpoints(original, unlearned)
@@ -203,11 +275,14 @@ def verify(original: Path, unlearned: Path, forget_dir: Path, retain_dir: Path |
         evaluation["text_answer_nll_max_change"] = ev.max_nll_change(evaluation["before"]["text"],
                                                                      evaluation["after"]["text"])
     job = apply_report_of(unlearned)
+    checks = byte_checks(comparison) + threshold_checks(evaluation, limits)
     return {
         "fastunlearn_verify": 1,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "original": str(Path(original).resolve()),
         "unlearned": str(Path(unlearned).resolve()),
+        "passed": all(c["passed"] for c in checks),
+        "checks": checks,
         "bytes": comparison,
         "metrics": {name: {when: summaries[when][name] for when in ("before", "after")} for name in summaries["before"]},
         "evaluation": evaluation,
@@ -222,12 +297,3 @@ def verify(original: Path, unlearned: Path, forget_dir: Path, retain_dir: Path |
                                                                    "environment", "timing_s", "peak_memory_mb")},
         "environment": environment(str(device)),
     }
-
-
-def print_verification(result: dict) -> None:
-    from .cli import print_metrics
-    from .html_report import summary_lines
-
-    print_metrics(result["metrics"])
-    print()
-    print("\n".join(summary_lines(result)))

@@ -1,0 +1,61 @@
+"""The job's options (`Config`), device choice, seeding and progress bars."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .objectives import METHODS
+
+
+@dataclass
+class Config:
+    method: str = "npo"
+    steps: int = 100
+    lr: float = 1e-2
+    beta: float = 0.5
+    retain_weight: float = 3.0
+    mask: str = "fisher"  # fisher | none
+    mask_threshold: float = 1.0
+    fisher_samples: int = 64
+    batch_size: int = 16
+    weight_decay: float = 0.0
+    views: int = 4  # augmented variants of each picture, cached beside it
+    max_new_tokens: int = 32
+    device: str = "auto"
+    seed: int = 0
+
+    def check(self):
+        if self.method not in METHODS:
+            raise UserError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.mask not in ("fisher", "none"):
+            raise UserError(f"--mask {self.mask!r}: expected fisher or none")
+        if self.views < 0:
+            raise UserError("--views must be 0 or more")
+        for name in ("steps", "batch_size", "fisher_samples", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.lr <= 0 or self.beta <= 0:
+            raise UserError("--lr and --beta must be positive")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r}: expected auto, cpu or cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def progress(iterable=None, **kw):
+    return tqdm(iterable, disable=None, leave=False, dynamic_ncols=True, **kw)

@@ -1,0 +1,167 @@
+"""Items -> cached samples: each picture (and each augmented view of it) goes through the frozen
+vision tower once; its pre-projector features are kept in memory up to a budget, then on disk.
+The vision tower is dropped afterwards. Items without an answer get the model's own greedy one."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import safetensors_io as st
+from .config import progress
+from .data import Item, augmented_view, load_image
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .load import Loaded
+
+
+FEATURE_MEMORY_MB = 2048  # cached vision features kept in memory; beyond it they go to a temporary folder
+
+
+PIXEL_CACHE_PICTURES = 8  # processed pictures kept for reuse (a picture's questions and views come together)
+
+
+def feature_budget_bytes() -> int:
+    """FASTUNLEARN_FEATURE_MEMORY_MB (default FEATURE_MEMORY_MB) in bytes; 0 sends every feature to disk."""
+    raw = os.environ.get("FASTUNLEARN_FEATURE_MEMORY_MB", str(FEATURE_MEMORY_MB))
+    try:
+        return int(float(raw) * 2**20)
+    except ValueError:
+        raise UserError(f"FASTUNLEARN_FEATURE_MEMORY_MB={raw!r}: expected a number of megabytes") from None
+
+
+class SpilledFeatures:
+    """One picture's features in a raw file, read back on each use. Stands in for the tensor where
+    the job uses it (`.to()`, `.shape`, `.dtype`), so memory holds only the batch being computed."""
+
+    def __init__(self, folder: tempfile.TemporaryDirectory, index: int, t: torch.Tensor):
+        self._folder = folder  # keeps the folder alive while any sample refers to it
+        self.path = Path(folder.name) / f"{index}.raw"
+        self.shape, self.dtype = tuple(t.shape), t.dtype
+        with open(self.path, "wb") as f:
+            f.write(st.tensor_to_bytes(t))
+
+    def load(self) -> torch.Tensor:
+        data = bytearray(self.path.read_bytes())
+        return torch.frombuffer(data, dtype=self.dtype).reshape(self.shape) if data else torch.empty(self.shape, dtype=self.dtype)
+
+    def to(self, *args, **kwargs) -> torch.Tensor:
+        return self.load().to(*args, **kwargs)
+
+
+class FeatureCache:
+    """Vision features by (picture, view): in memory up to a byte budget, then in a temporary folder."""
+
+    def __init__(self, budget: int):
+        self.budget, self.in_memory = budget, 0
+        self.entries: dict = {}
+        self.folder: tempfile.TemporaryDirectory | None = None
+
+    def __contains__(self, key) -> bool:
+        return key in self.entries
+
+    def __getitem__(self, key):
+        return self.entries[key]
+
+    def __setitem__(self, key, t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if self.in_memory + size <= self.budget:
+            self.in_memory += size
+            self.entries[key] = t
+            return
+        if self.folder is None:
+            self.folder = tempfile.TemporaryDirectory(prefix="fastunlearn-features-")
+        self.entries[key] = SpilledFeatures(self.folder, len(self.entries), t.cpu())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.in_memory = 0
+
+
+@dataclass
+class Sample:
+    input_ids: torch.Tensor  # [L]
+    answer_start: int
+    features: torch.Tensor | SpilledFeatures | None  # cached pre-projector vision features, [tokens, d]
+    grid: dict | None  # family-specific image layout (e.g. image_grid_thw), no pixels
+    view: int = 0  # 0: the picture itself; k > 0: its k-th augmented variant (training only)
+
+
+def _pixels(loaded: Loaded, image: Path, view: int = 0, seed: int = 0) -> dict:
+    """Processor inputs of a picture (view 0) or of its augmented view `view` (keyed by content).
+    Only the last few are kept: items come grouped by picture, and a folder may not fit in memory."""
+    cache = loaded.pixel_cache
+    if (image, view) in cache:
+        cache.move_to_end((image, view))
+    else:
+        picture = load_image(image)
+        if view:
+            digest = hashlib.sha256(image.read_bytes()).hexdigest()
+            picture = augmented_view(picture, f"{digest}:{seed}:{view}")
+        cache[image, view] = loaded.adapter.pixel_inputs(loaded.processor, picture)
+        while len(cache) > PIXEL_CACHE_PICTURES:
+            cache.popitem(last=False)
+    return cache[image, view]
+
+
+@torch.no_grad()
+def greedy_answers(loaded: Loaded, items: list[Item], max_new_tokens: int) -> list[str]:
+    """The model's own greedy answer to each item's question (the target to forget when none is given)."""
+    model, adapter, tokenizer = loaded.model, loaded.adapter, loaded.processor.tokenizer
+    answers = []
+    for item in progress(items, desc="greedy answers"):
+        pixel = _pixels(loaded, item.image) if item.image is not None else None
+        enc = adapter.encode(loaded.processor, model.config, pixel, item.question, None)
+        inputs = adapter.generate_inputs(model, enc.input_ids.to(loaded.device), pixel)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        answers.append(tokenizer.decode(out[0, len(enc.input_ids):], skip_special_tokens=True).strip())
+    return answers
+
+
+def fill_answers(loaded: Loaded, items: list[Item], max_new_tokens: int) -> list[Item]:
+    """Items without an answer get the model's greedy one; items whose answer comes out empty are dropped."""
+    missing = [it for it in items if it.answer is None]
+    for item, answer in zip(missing, greedy_answers(loaded, missing, max_new_tokens)):
+        item.answer = answer
+    return [it for it in items if it.answer]
+
+
+@torch.no_grad()
+def cache_samples(loaded: Loaded, items: list[Item], desc: str, views: int = 0, seed: int = 0) -> list[Sample]:
+    """Encode items and compute the vision features of each picture (and of `views` augmented
+    variants of it, each a sample of its own) once."""
+    adapter, model = loaded.adapter, loaded.model
+    samples = []
+    for item in progress(items, desc=f"caching {desc} features"):
+        for view in range(1 + views if item.image is not None else 1):
+            pixel = features = grid = None
+            if item.image is not None:
+                pixel = _pixels(loaded, item.image, view, seed)
+                if (item.image, view) not in loaded.feature_cache:
+                    loaded.feature_cache[item.image, view] = adapter.vision_features(model, pixel)
+                features = loaded.feature_cache[item.image, view]
+                grid = {k: v for k, v in pixel.items() if k != "pixel_values"}
+            enc = adapter.encode(loaded.processor, model.config, pixel, item.question, item.answer)
+            samples.append(Sample(enc.input_ids, enc.answer_start, features, grid, view))
+    return samples
+
+
+def drop_vision_tower(loaded: Loaded) -> None:
+    """Features are cached: free the vision tower (and pixels) for the rest of the job."""
+    inner = loaded.model.model
+    for attr in ("vision_tower", "visual"):
+        if getattr(inner, attr, None) is not None:
+            setattr(inner, attr, None)
+    loaded.pixel_cache.clear()
+    if loaded.device.type == "cuda":
+        torch.cuda.empty_cache()

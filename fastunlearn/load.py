@@ -1,0 +1,125 @@
+"""Checkpoint folder -> model: validate the config against the stored tensors, load the model,
+read the projector's stored tensors (the fp32 master copies start from these exact values)."""
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import safetensors_io as st
+from .errors import UserError
+from .features import FeatureCache, feature_budget_bytes
+from .models import Adapter, adapter_for, stored_projector_names
+
+
+@dataclass
+class Loaded:
+    """A checkpoint opened for the job: the model (vision tower dropped after caching) and its parts."""
+
+    ckpt: Path
+    adapter: Adapter
+    model: torch.nn.Module
+    processor: object
+    stored: dict[str, st.TensorInfo]
+    names: dict[str, str]  # projector module-relative name -> stored name
+    original: dict[str, torch.Tensor]  # stored projector tensors, as stored
+    device: torch.device
+    pixel_cache: OrderedDict = field(default_factory=OrderedDict)  # the last PIXEL_CACHE_PICTURES pictures
+    feature_cache: FeatureCache = field(default_factory=lambda: FeatureCache(feature_budget_bytes()))
+
+
+def read_model_config(ckpt: Path):
+    """config.json, checked against the supported families before transformers parses it."""
+    from transformers import AutoConfig
+
+    path = Path(ckpt) / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e.__class__.__name__}: {e})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        raise UserError(f"{path}: no model_type; is this a Hugging Face checkpoint?")
+    adapter_for(raw["model_type"])  # names the supported families when there is no adapter
+    try:
+        return AutoConfig.from_pretrained(ckpt, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a config it cannot parse
+        raise UserError(f"{path}: transformers cannot parse it ({str(e).splitlines()[0]})") from None
+
+
+def inspect_checkpoint(ckpt: Path):
+    """Validate a checkpoint folder without loading weights: (stored tensors, config, adapter)."""
+    stored = st.read_checkpoint(ckpt)
+    config = read_model_config(ckpt)
+    adapter = adapter_for(config.model_type)
+    adapter.check_config(config)
+    return stored, config, adapter
+
+
+def check_weights_match_config(ckpt: Path) -> None:
+    """Before any model is built for real: config.json must describe the stored tensors. The model
+    is built on the meta device (no memory); its projector shapes must be the stored ones and its
+    size the stored size (one tied copy allowed), so a config with missing fields, which
+    transformers fills with defaults (a 7B LLM), fails here instead of allocating it."""
+    from transformers import AutoModelForImageTextToText
+
+    stored, config, adapter = inspect_checkpoint(ckpt)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a config it cannot build
+        raise UserError(f"{Path(ckpt) / 'config.json'}: transformers cannot build the model ({str(e).splitlines()[0][:200]})") from None
+    module = dict(adapter.projector_module(model).named_parameters())
+    for name, stored_name in stored_projector_names(adapter, list(module), list(stored)).items():
+        if tuple(module[name].shape) != stored[stored_name].shape:
+            raise UserError(f"{Path(ckpt) / 'config.json'}: implies {stored_name} of shape {tuple(module[name].shape)}, "
+                            f"the checkpoint stores {stored[stored_name].shape}; config.json does not match the weights")
+    in_model = sum(p.numel() for p in model.parameters())
+    sizes = [math.prod(info.shape) for info in stored.values()] or [0]
+    if not sum(sizes) - max(sizes) <= in_model <= sum(sizes):
+        raise UserError(f"{Path(ckpt) / 'config.json'}: describes a model of {in_model:,} parameters, the checkpoint "
+                        f"stores {sum(sizes):,}; config.json does not match the weights")
+
+
+def open_checkpoint(ckpt: Path, device: torch.device) -> Loaded:
+    from transformers import AutoModelForImageTextToText
+
+    ckpt = Path(ckpt)
+    stored, config, adapter = inspect_checkpoint(ckpt)
+    # CPU computes in fp32 (bf16/fp16 matmuls are slow or missing there); CUDA in the stored dtype.
+    dtype = torch.float32 if device.type == "cpu" else _stored_dtype(stored)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{ckpt}: cannot load the model ({str(e).splitlines()[0]})") from None
+    model.to(device).eval().requires_grad_(False)
+    processor = adapter.load_processor(ckpt)
+
+    module = dict(adapter.projector_module(model).named_parameters())
+    names = stored_projector_names(adapter, list(module), list(stored))
+    original = {}
+    for name, stored_name in names.items():
+        info = stored[stored_name]
+        if tuple(module[name].shape) != info.shape:
+            raise UserError(
+                f"{stored_name}: config.json implies shape {tuple(module[name].shape)}, the checkpoint stores {info.shape}"
+            )
+        original[name] = st.read_tensor(info)
+    return Loaded(ckpt, adapter, model, processor, stored, names, original, device)
+
+
+def _stored_dtype(stored: dict[str, st.TensorInfo]) -> torch.dtype:
+    counts: dict[str, int] = {}
+    for info in stored.values():
+        counts[info.dtype] = counts.get(info.dtype, 0) + (info.end - info.start)
+    best = max((d for d in counts if d in st.TORCH_DTYPES), key=counts.get, default="F32")
+    return st.TORCH_DTYPES[best]
+
+
+def master_params(loaded: Loaded, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """fp32 copies of projector tensors on the job's device (exact: every stored dtype fits in fp32)."""
+    tensors = loaded.original if tensors is None else tensors
+    return {n: t.to(loaded.device, torch.float32).clone() for n, t in tensors.items()}
