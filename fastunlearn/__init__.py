@@ -24,6 +24,7 @@ _PUBLIC = {
     "apply": "job",
     "verify": "verification",
     "patch": "patching",
+    "convert": "convert",
     "Config": "config",
     "UserError": "errors",
     "WrongCheckpoint": "errors",

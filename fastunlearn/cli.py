@@ -84,6 +84,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("report", type=Path, metavar="REPORT.json")
     p.add_argument("--html", type=Path, metavar="OUT.html", help="write a self-contained HTML page here")
 
+    p = sub.add_parser("convert", help="turn a benchmark's Hugging Face parquet files into forget / retain folders")
+    p.add_argument("kind", choices=["mllmu-bench", "clear"], metavar="mllmu-bench|clear", help="which benchmark SRC holds")
+    p.add_argument("src", type=Path, metavar="SRC", help="local copy of the dataset (its parquet files, any depth)")
+    p.add_argument("out", type=Path, metavar="OUT_DIR", help="new or empty folder: one sub-folder per split")
+    p.add_argument("--split", action="append", metavar="NAME", help="convert only this split (repeatable; default all)")
+
     p = sub.add_parser("demo", help="the embedded end-to-end example (small LLaVA, synthetic people)")
     p.add_argument("--workdir", type=Path, default=Path("fastunlearn-demo"), help="where to write (default ./fastunlearn-demo)")
     p.add_argument("--device", default="auto")
@@ -170,6 +176,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .convert import convert
+
+    result = convert(args.kind, args.src, args.out, args.split)
+    for name, c in result["splits"].items():
+        note = f"; {c['pictures_without_qa']} pictures without QA get the default questions" if c["pictures_without_qa"] else ""
+        print(f"{name}: {c['pictures']} pictures, {c['qa']} QA lines, {c['people']} people ({c['rows']} rows{note})")
+    print(f"written: {result['out']}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .worlds.demo import run_demo
 
@@ -191,7 +208,7 @@ def main(argv=None) -> int:
     quiet_transformers()
     try:
         return {"apply": cmd_apply, "patch": cmd_patch, "verify": cmd_verify, "report": cmd_report,
-                "demo": cmd_demo}[args.command](args)
+                "demo": cmd_demo, "convert": cmd_convert}[args.command](args)
     except UserError as e:
         print(f"fastunlearn: error: {e}", file=sys.stderr)
         return e.exit_status
