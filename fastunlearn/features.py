@@ -141,6 +141,8 @@ def cache_samples(loaded: Loaded, items: list[Item], desc: str, views: int = 0, 
     """Encode items and compute the vision features of each picture (and of `views` augmented
     variants of it, each a sample of its own) once."""
     adapter, model = loaded.adapter, loaded.model
+    if loaded.feature_cache is None:
+        loaded.feature_cache = FeatureCache(feature_budget_bytes())
     samples = []
     for item in progress(items, desc=f"caching {desc} features"):
         for view in range(1 + views if item.image is not None else 1):

@@ -12,7 +12,6 @@ import torch
 
 from . import safetensors_io as st
 from .errors import UserError
-from .features import FeatureCache, feature_budget_bytes
 from .models import Adapter, adapter_for, stored_projector_names
 
 
@@ -29,7 +28,7 @@ class Loaded:
     original: dict[str, torch.Tensor]  # stored projector tensors, as stored
     device: torch.device
     pixel_cache: OrderedDict = field(default_factory=OrderedDict)  # the last PIXEL_CACHE_PICTURES pictures
-    feature_cache: FeatureCache = field(default_factory=lambda: FeatureCache(feature_budget_bytes()))
+    feature_cache: object = None  # features.FeatureCache, made by the first cache_samples
 
 
 def read_model_config(ckpt: Path):
