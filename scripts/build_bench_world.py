@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastunlearn.worlds import bench as bw  # noqa: E402
-from fastunlearn.worlds import people as world  # noqa: E402
+from fastunlearn.worlds import training  # noqa: E402
 
 FOLDERS = {"llava": "llava-people20", "qwen2_vl": "qwen2vl-people20"}
 
@@ -50,7 +50,7 @@ def main():
         ckpt = args.out / folder
         if ckpt.exists():
             shutil.rmtree(ckpt)
-        world.save(model, family, parts, ckpt)
+        training.save(model, family, parts, ckpt)
         result = bw.evaluate(model, family, parts, w, seed=bw.BENCH["eval_seed"])
         print(f"[{family}] trained {steps} steps in {seconds:.0f}s; held-out accuracy: {result}", flush=True)
         latest = json.loads(info_path.read_text()) if info_path.exists() else info  # another build may have written

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastunlearn.worlds import people as world  # noqa: E402
+from fastunlearn.worlds import people as world
+from fastunlearn.worlds import training  # noqa: E402
 
 FOLDERS = {"llava": "llava-people", "qwen2_vl": "qwen2vl-people"}
 
@@ -40,7 +41,7 @@ def folder_size(path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(world.demo_assets_dir()))
-    ap.add_argument("--only", choices=world.FAMILIES)
+    ap.add_argument("--only", choices=training.FAMILIES)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,29 +53,29 @@ def main():
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     info.update(world.world_dict())
     info["demo"] = {k: v for k, v in cfg.items()}
-    info["demo"].update(face_size=world.FACE_SIZE, llava_image_size=world.LLAVA_IMAGE_SIZE,
-                        qwen2_vl_image_size=world.QWEN_IMAGE_SIZE,
+    info["demo"].update(face_size=world.FACE_SIZE, llava_image_size=training.LLAVA_IMAGE_SIZE,
+                        qwen2_vl_image_size=training.QWEN_IMAGE_SIZE,
                         checkpoints=FOLDERS, torch=torch.__version__)
     info.setdefault("results", {})
     ok = True
-    for family in world.FAMILIES:
+    for family in training.FAMILIES:
         if args.only and family != args.only:
             continue
-        build = world.build_llava if family == "llava" else world.build_qwen2vl
+        build = training.build_llava if family == "llava" else training.build_qwen2vl
         model, parts = build(seed=cfg["init_seed"])
         n_params = sum(p.numel() for p in model.parameters())
         print(f"[{family}] {n_params} parameters", flush=True)
         t0 = time.time()
-        world.train(model, family, parts, seed=cfg["train_seed"], steps=cfg["steps"][family],
+        training.train(model, family, parts, seed=cfg["train_seed"], steps=cfg["steps"][family],
                     lr=cfg["lr"][family], n_visual=cfg["n_visual"])
         seconds = time.time() - t0
         ckpt = out / FOLDERS[family]
         if ckpt.exists():
             shutil.rmtree(ckpt)
-        world.save(model, family, parts, ckpt)
-        result = world.evaluate(model, family, parts, seed=cfg["eval_seed"], n_per_person=20)
-        reloaded, rparts = world.load(ckpt, family)
-        result_reloaded = world.evaluate(reloaded, family, rparts, seed=cfg["eval_seed"], n_per_person=20)
+        training.save(model, family, parts, ckpt)
+        result = training.evaluate(model, family, parts, seed=cfg["eval_seed"], n_per_person=20)
+        reloaded, rparts = training.load(ckpt, family)
+        result_reloaded = training.evaluate(reloaded, family, rparts, seed=cfg["eval_seed"], n_per_person=20)
         print(table(family, result))
         same = result == result_reloaded
         print(f"[{family}] training {seconds:.0f}s, checkpoint {folder_size(ckpt) / 1e6:.2f} MB, "

@@ -4,6 +4,7 @@ import torch
 
 from fastunlearn import evaluate as ev
 from fastunlearn.worlds import people as world
+from fastunlearn.worlds import training
 from fastunlearn.data import Item, read_folder
 from fastunlearn.features import cache_samples, drop_vision_tower
 from fastunlearn.load import master_params, open_checkpoint
@@ -91,11 +92,11 @@ def test_metrics_of_the_original_and_of_a_blind_projector(llava):
 
 
 def test_greedy_generate_matches_transformers_generate(llava, folders):
-    model, parts = world.load(asset("llava"), "llava")
+    model, parts = training.load(asset("llava"), "llava")
     from fastunlearn.data import load_image
 
     items = llava["everyone"][::9]
-    expected = world.generate_answers(model, "llava", parts, [(load_image(it.image), it.question) for it in items],
+    expected = training.generate_answers(model, "llava", parts, [(load_image(it.image), it.question) for it in items],
                                       max_new_tokens=6)
     prompts = [p for p, it in zip(llava["prepared"].prompts, llava["everyone"]) if it in items]
     assert ev.greedy_generate(llava["loaded"], llava["params"], prompts, max_new_tokens=6) == expected

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from fastunlearn.worlds import people as world
+from fastunlearn.worlds import training
 
 ASSETS = world.demo_assets_dir()
 LLAVA_DIR = ASSETS / "llava-people"
@@ -129,7 +130,7 @@ def test_write_folder_seeds(tmp_path):
 # --- tokenizers ------------------------------------------------------------
 
 def test_tokenizers():
-    tok = world.build_tokenizer("llava")
+    tok = training.build_tokenizer("llava")
     for t in ["<s>", "</s>", "<unk>", "<pad>", "<image>"]:
         assert tok.convert_tokens_to_ids(t) != tok.unk_token_id or t == "<unk>"
         assert tok.tokenize(t) == [t]
@@ -141,8 +142,8 @@ def test_tokenizers():
     text = "Where does Dmitri Okafor live?"
     assert tok.decode(tok(text)["input_ids"]) == text
 
-    tok = world.build_tokenizer("qwen2_vl")
-    for t in world.QWEN_SPECIALS.values():
+    tok = training.build_tokenizer("qwen2_vl")
+    for t in training.QWEN_SPECIALS.values():
         assert tok.tokenize(t) == [t]
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     assert tok.apply_chat_template(msg, add_generation_prompt=True, tokenize=False) == (
@@ -152,21 +153,21 @@ def test_tokenizers():
 
 # --- encoding and training ----------------------------------------------------
 
-@pytest.mark.parametrize("family", world.FAMILIES)
+@pytest.mark.parametrize("family", training.FAMILIES)
 def test_encode_labels_only_on_answers(family):
-    build = world.build_llava if family == "llava" else world.build_qwen2vl
+    build = training.build_llava if family == "llava" else training.build_qwen2vl
     model, parts = build(seed=0)
-    tok = world.tokenizer_of(family, parts)
+    tok = training.tokenizer_of(family, parts)
     img = world.draw_face(5, np.random.default_rng(0))
     examples = [(img, world.VISUAL_QUESTION, "Farid Haddad"),
                 (None, "Where does Farid Haddad live?", "Beirut")]
-    batch = world.encode(family, parts, examples)
+    batch = training.encode(family, parts, examples)
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     image_id = model.config.image_token_id
     assert int((ids[0] == image_id).sum()) == (16 if family == "llava" else 4)
     assert int((ids[1] == image_id).sum()) == 0
     for row, (_, _, answer) in enumerate(examples):
-        target = tok(world.answer_text(family, answer), add_special_tokens=False)["input_ids"]
+        target = tok(training.answer_text(family, answer), add_special_tokens=False)["input_ids"]
         assert target[-1] == tok.eos_token_id
         assert labels[row][labels[row] != -100].tolist() == target
         assert ids[row, -len(target):].tolist() == target  # answers end the (left-padded) rows
@@ -183,8 +184,8 @@ def test_encode_labels_only_on_answers(family):
 def test_train_learns_and_is_deterministic():
     runs = []
     for _ in range(2):
-        model, processor = world.build_llava(seed=3)
-        runs.append(world.train(model, "llava", processor, seed=3, steps=12, n_visual=8, log=None))
+        model, processor = training.build_llava(seed=3)
+        runs.append(training.train(model, "llava", processor, seed=3, steps=12, n_visual=8, log=None))
     assert runs[0] == runs[1]
     assert np.mean(runs[0][-3:]) < runs[0][0] - 0.5
 
@@ -248,7 +249,7 @@ def test_demo_llava_recognises_heldout_pictures():
     # text-only facts through the helper
     for i in people:
         for q, a in world.text_facts(i):
-            assert world.is_correct(world.greedy_answer(model, "llava", processor, None, q), a)
+            assert training.is_correct(training.greedy_answer(model, "llava", processor, None, q), a)
 
 
 def test_demo_qwen2vl_recognises_heldout_pictures():
@@ -277,20 +278,20 @@ def test_demo_qwen2vl_recognises_heldout_pictures():
     assert wrong <= 1
     parts = (tok, image_processor)
     # the library's batched encoding agrees
-    answers = world.generate_answers(model, "qwen2_vl", parts,
+    answers = training.generate_answers(model, "qwen2_vl", parts,
                                      [(img, world.VISUAL_QUESTION) for _, img in pics])
-    assert sum(not world.is_correct(a, world.PEOPLE[i]["name"])
+    assert sum(not training.is_correct(a, world.PEOPLE[i]["name"])
                for (i, _), a in zip(pics, answers)) <= 1, answers
     for i in [1, 3, 7]:
         for q, a in world.text_facts(i):
-            assert world.is_correct(world.greedy_answer(model, "qwen2_vl", parts, None, q), a)
+            assert training.is_correct(training.greedy_answer(model, "qwen2_vl", parts, None, q), a)
 
 
 def test_untrained_model_does_not_recognise():
     """The recognition tests above can fail: a fresh model knows nobody."""
-    model, processor = world.build_llava(seed=0)
+    model, processor = training.build_llava(seed=0)
     model.eval()
     pics = _pictures([0, 1], n=2)
-    answers = world.generate_answers(model, "llava", processor,
+    answers = training.generate_answers(model, "llava", processor,
                                      [(img, world.VISUAL_QUESTION) for _, img in pics])
-    assert not any(world.is_correct(a, world.PEOPLE[i]["name"]) for (i, _), a in zip(pics, answers))
+    assert not any(training.is_correct(a, world.PEOPLE[i]["name"]) for (i, _), a in zip(pics, answers))

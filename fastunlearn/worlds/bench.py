@@ -7,7 +7,7 @@ person in this image?" -> job) and two text-only questions ("What is the job of 
 "Where does <Name> live?"). Multiple-choice options come from fastunlearn.evaluate.with_options.
 
 `scripts/build_bench_world.py` trains a small LLaVA and a small Qwen2-VL on it with fixed seeds,
-reusing world.py's builders, tokenizer, encoder and drawing code. `World` is the common view of
+reusing training.py's builders, tokenizer and encoder and people.py's drawing code. `World` is the common view of
 this world and of the 8-person demo world that benchmarks/compare.py uses.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 
 from ..data import Item
 from . import people as world
+from . import training
 
 FIRST = ["Ada", "Bela", "Cyrus", "Dora", "Elif", "Felix", "Gita", "Hanno", "Ines", "Jonas",
          "Kira", "Lior", "Mina", "Nils", "Omar", "Pia", "Quinn", "Rosa", "Sami", "Tove"]
@@ -139,13 +140,13 @@ def bench_world(n: int = BENCH["people"], seed: int = BENCH["looks_seed"]) -> Wo
 
 
 def build(family: str, w: World, seed: int = BENCH["init_seed"]):
-    tok = world.build_tokenizer(family, BENCH["vocab_size"], corpus=w.corpus(family))
-    return (world.build_llava if family == "llava" else world.build_qwen2vl)(seed=seed, tok=tok)
+    tok = training.build_tokenizer(family, BENCH["vocab_size"], corpus=w.corpus(family))
+    return (training.build_llava if family == "llava" else training.build_qwen2vl)(seed=seed, tok=tok)
 
 
 def train(model, family: str, parts, w: World, seed: int, steps: int, lr: float, n_visual: int = 32,
           weight_decay: float = 0.01, warmup: int = 30, log_every: int = 100, log=print) -> list[float]:
-    """world.train on this world: each step `n_visual` fresh pictures, each with one of the visual
+    """training.train on this world: each step `n_visual` fresh pictures, each with one of the visual
     questions, plus every text fact."""
     def visual_batch(rng, n):
         who = rng.integers(0, len(w.people), size=n)
@@ -153,7 +154,7 @@ def train(model, family: str, parts, w: World, seed: int, steps: int, lr: float,
         return [(w.draw(int(i), rng), *w.visual_facts(int(i))[int(k)]) for i, k in zip(who, kinds)]
 
     facts = [(None, q, a) for i in range(len(w.people)) for q, a in w.text_facts(i)]
-    return world.train(model, family, parts, seed=seed, steps=steps, lr=lr, n_visual=n_visual,
+    return training.train(model, family, parts, seed=seed, steps=steps, lr=lr, n_visual=n_visual,
                        weight_decay=weight_decay, warmup=warmup, log_every=log_every, log=log,
                        visual_batch=visual_batch, facts=facts)
 
@@ -166,10 +167,10 @@ def evaluate(model, family: str, parts, w: World, seed: int, n_per_person: int =
         for i in range(len(w.people)):
             rng = np.random.default_rng([seed, i])
             pictures = [w.draw(i, rng) for _ in range(n_per_person)]
-            answers = world.generate_answers(model, family, parts, [(p, question) for p in pictures])
-            hits += [world.is_correct(a, w.people[i][field]) for a in answers]
+            answers = training.generate_answers(model, family, parts, [(p, question) for p in pictures])
+            hits += [training.is_correct(a, w.people[i][field]) for a in answers]
         visual[field] = sum(hits) / len(hits)
     facts = [fact for i in range(len(w.people)) for fact in w.text_facts(i)]
-    answers = world.generate_answers(model, family, parts, [(None, q) for q, _ in facts])
-    text = sum(world.is_correct(g, a) for g, (_, a) in zip(answers, facts)) / len(facts)
+    answers = training.generate_answers(model, family, parts, [(None, q) for q, _ in facts])
+    text = sum(training.is_correct(g, a) for g, (_, a) in zip(answers, facts)) / len(facts)
     return {"visual": visual, "text": text}
