@@ -45,7 +45,9 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("apply", help="erase what FORGET_DIR shows from CKPT")
     p.add_argument("ckpt", type=Path, metavar="CKPT", help="Hugging Face checkpoint folder (safetensors)")
-    p.add_argument("forget", type=Path, metavar="FORGET_DIR", help="pictures (and optional QA .jsonl) to forget")
+    p.add_argument("forget", type=Path, nargs="+", metavar="FORGET_DIR",
+                   help="pictures (and optional QA .jsonl) to forget; several folders (or a manifest file listing "
+                   "them, one a line) are several erasure requests in one job")
     p.add_argument("--retain", type=Path, help="pictures (and optional QA .jsonl) that must keep working")
     p.add_argument("--out", type=Path, help="write a new checkpoint folder here (default: patch CKPT in place)")
     p.add_argument("--report", type=Path, help="report path (default: unlearning_report.json in the written checkpoint)")
@@ -105,11 +107,25 @@ def print_metrics(metrics: dict) -> None:
 
 
 def cmd_apply(args) -> int:
+    from .distributed import launched_by_torchrun
     from .job import apply
 
+    # issue 12: under torchrun, rank 0 alone prints (every rank prints its own error line)
+    quiet = launched_by_torchrun() and os.environ.get("RANK") != "0"
     report = apply(args.ckpt, args.forget, args.retain, out=args.out, report_path=args.report, delta_path=args.delta,
-                   dry_run=args.dry_run, config=_config(args), log=print)
+                   dry_run=args.dry_run, config=_config(args), log=(lambda *a: None) if quiet else print)
+    if quiet:
+        return 0
     print_metrics(report["metrics"])
+    for i, r in enumerate(report.get("requests", [])):
+        print(f"request {i + 1} (folder sha256 {r['folder_sha256'][:12]}): ", end="")
+        m = r["metrics"]["forget"]
+        print(f"forget greedy accuracy {m['before']['greedy_accuracy']:.3f} -> {m['after']['greedy_accuracy']:.3f} "
+              f"over {m['before']['items']} items")
+    d = report.get("distributed", {})
+    if d.get("world_size", 1) > 1:
+        print(f"ranks: {d['world_size']} ({d['backend']}); projector identical on all ranks: "
+              f"{d.get('projector_identical_on_all_ranks')}")
     changed = report["changed_tensors"]
     n = sum(c["elements_changed"] for c in changed)
     print(f"changed {len(changed)} projector tensors, {n} elements, {report['byte_proof']['bytes_written']} bytes "

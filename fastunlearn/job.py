@@ -23,15 +23,14 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as dist  # issue 12: torchrun data parallelism (identity on one process)
 from . import journal
 from . import safetensors_io as st
-from .batches import make_batches
 from .config import Config, pick_device, seed_everything
 from .data import read_folder
 from .delta import save_delta, tensor_changes
 from .errors import UserError
-from .features import cache_samples, drop_vision_tower, fill_answers
-from .forward import score, summarize
+from .features import drop_vision_tower
 from .load import check_weights_match_config, master_params, open_checkpoint
 from .mask import fisher_diagonal, saliency_mask
 from .optimise import optimise
@@ -48,8 +47,31 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def unlearn(ckpt: Path, forget_dir: Path, retain_dir: Path | None, cfg: Config, log=logger.info) -> dict:
-    """Run the job in memory. Returns the result: the changes to write and everything for the report."""
+def forget_folders(forget_dir) -> list[Path]:
+    """The forget requests of one job: a folder, a list of folders, or a manifest file (one folder a
+    line, relative to the manifest; blank lines and # comments skipped)."""
+    dirs = [forget_dir] if isinstance(forget_dir, (str, Path)) else list(forget_dir)
+    if not dirs:
+        raise UserError("no forget folder given")
+    out = []
+    for d in map(Path, dirs):
+        if d.is_file():
+            try:
+                lines = d.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"{d}: unreadable manifest ({e.__class__.__name__})") from None
+            listed = [d.parent / line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+            if not listed:
+                raise UserError(f"{d}: manifest lists no forget folder")
+            out += listed
+        else:
+            out.append(d)
+    return out
+
+
+def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=logger.info) -> dict:
+    """Run the job in memory. Returns the result: the changes to write and everything for the report.
+    `forget_dir`: one folder, or several (one erasure request each: one load, one cache, one write)."""
     cfg.check()
     seed_everything(cfg.seed)
     phases: dict[str, float] = {}
@@ -61,30 +83,41 @@ def unlearn(ckpt: Path, forget_dir: Path, retain_dir: Path | None, cfg: Config, 
         phases[name] = round(now - t0, 3)
         t0 = now
 
-    forget_items = read_folder(forget_dir, "forget")
+    folders = forget_folders(forget_dir)
+    requests = [read_folder(d, "forget") for d in folders]  # one list of items per erasure request
     retain_items = read_folder(retain_dir, "retain") if retain_dir is not None else []
-    device = pick_device(cfg.device)
+    device = dist.init(pick_device(cfg.device))  # issue 12: cuda:LOCAL_RANK under torchrun
     loaded = open_checkpoint(ckpt, device)
     phase("load")
 
-    forget_items = fill_answers(loaded, forget_items, cfg.max_new_tokens)
-    retain_items = fill_answers(loaded, retain_items, cfg.max_new_tokens)
-    if not forget_items:
-        raise UserError(f"{forget_dir}: the model gives no answer to any forget question; nothing to forget")
+    # issue 12: dist.fill_answers / dist.cache_samples / dist.make_batches / dist.score are the
+    # features / batches / forward functions themselves on one process; under torchrun each rank
+    # computes its own pictures' share and holds the others' as stubs
+    requests = [dist.fill_answers(loaded, items, cfg.max_new_tokens) for items in requests]
+    retain_items = dist.fill_answers(loaded, retain_items, cfg.max_new_tokens)
+    for d, items in zip(folders, requests):
+        if not items:
+            raise UserError(f"{d}: the model gives no answer to any forget question; nothing to forget")
+    forget_items = [it for items in requests for it in items]
     phase("answers")
-    forget_samples = cache_samples(loaded, forget_items, "forget", cfg.views, cfg.seed)
-    retain_samples = cache_samples(loaded, retain_items, "retain", cfg.views, cfg.seed)
+    per_request = [dist.cache_samples(loaded, items, "forget", cfg.views, cfg.seed) for items in requests]
+    forget_samples = [s for samples in per_request for s in samples]
+    retain_samples = dist.cache_samples(loaded, retain_items, "retain", cfg.views, cfg.seed)
     drop_vision_tower(loaded)
-    forget_batches = make_batches(loaded, forget_samples, cfg.batch_size)
-    retain_batches = make_batches(loaded, retain_samples, cfg.batch_size)
+    forget_batches = dist.make_batches(loaded, forget_samples, cfg.batch_size)
+    retain_batches = dist.make_batches(loaded, retain_samples, cfg.batch_size)
     # metrics are measured on the pictures themselves, not on their augmented views
-    forget_eval = make_batches(loaded, [s for s in forget_samples if s.view == 0], cfg.batch_size)
-    retain_eval = make_batches(loaded, [s for s in retain_samples if s.view == 0], cfg.batch_size)
+    forget_eval = dist.make_batches(loaded, [s for s in forget_samples if s.view == 0], cfg.batch_size)
+    retain_eval = dist.make_batches(loaded, [s for s in retain_samples if s.view == 0], cfg.batch_size)
+    bounds = [0]
+    for samples in per_request:  # each request's pictures: a contiguous run of the evaluated sequences
+        bounds.append(bounds[-1] + sum(1 for s in samples if s.view == 0))
+    slices = list(zip(bounds, bounds[1:])) if len(per_request) > 1 else []
     phase("cache")
 
     params = master_params(loaded)
-    forget_before, retain_before = score(loaded, params, forget_eval), score(loaded, params, retain_eval)
-    reference = score(loaded, params, forget_batches)["nll"]  # the original projector, computed once
+    forget_before, retain_before = dist.score(loaded, params, forget_eval), dist.score(loaded, params, retain_eval)
+    reference = dist.score(loaded, params, forget_batches)["nll"]  # the original projector, computed once
     for batch, ref in zip(forget_batches, reference.split([len(b.lengths) for b in forget_batches])):
         batch.ref_nll = ref.to(device)
     phase("reference")
@@ -99,14 +132,18 @@ def unlearn(ckpt: Path, forget_dir: Path, retain_dir: Path | None, cfg: Config, 
         mask = {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
     phase("mask")
 
+    dist.test_die("optimise")
     losses = optimise(loaded, params, mask, forget_batches, retain_batches, cfg, log)
+    same_state = dist.same_state(params)  # issue 12: rank 0's projector on every rank, checked
     phase("optimise")
 
     # What will be stored: cast once from fp32; evaluate exactly those values.
     new = {n: params[n].to(loaded.original[n].dtype).cpu() for n in params}
     stored_params = master_params(loaded, new)
-    forget_after = score(loaded, stored_params, forget_eval)
-    retain_after = score(loaded, stored_params, retain_eval)
+    forget_after = dist.score(loaded, stored_params, forget_eval)
+    retain_after = dist.score(loaded, stored_params, retain_eval)
+    (fb, fb_req), (fa, fa_req) = dist.summaries(forget_before, forget_eval, slices), dist.summaries(forget_after, forget_eval, slices)
+    (rb, _), (ra, _) = dist.summaries(retain_before, retain_eval), dist.summaries(retain_after, retain_eval)
     phase("evaluate")
 
     changes = tensor_changes(loaded, new)
@@ -119,9 +156,12 @@ def unlearn(ckpt: Path, forget_dir: Path, retain_dir: Path | None, cfg: Config, 
         "changes": changes,
         "items": {"forget": forget_items, "retain": retain_items},
         "metrics": {
-            "forget": {"before": summarize(forget_before, forget_eval), "after": summarize(forget_after, forget_eval)},
-            "retain": {"before": summarize(retain_before, retain_eval), "after": summarize(retain_after, retain_eval)},
+            "forget": {"before": fb, "after": fa},
+            "retain": {"before": rb, "after": ra},
         },
+        "requests": [{"folder": d, "items": items, "metrics": {"before": b, "after": a}}
+                     for d, items, b, a in zip(folders, requests, fb_req, fa_req)],
+        "distributed": {**dist.describe(), "projector_identical_on_all_ranks": same_state},
         "mask_density": round(mask_density, 6),
         "losses": [round(x, 6) for x in losses],
         "phases_s": phases,
@@ -146,24 +186,52 @@ def apply(ckpt, forget_dir, retain_dir=None, *, out=None, report_path=None, delt
     cfg.check()
     started = time.perf_counter()
     ckpt = Path(ckpt)
-    check_weights_match_config(ckpt)
-    in_place = out is None and not dry_run
-    # an in-place job holds the checkpoint's lock from start to end: a second one says "busy" at once
-    with journal.locked(ckpt) if in_place else contextlib.nullcontext():
-        if (ckpt / journal.JOURNAL).exists() or (ckpt / (journal.JOURNAL + ".tmp")).exists():
-            if journal.recover(ckpt):
-                log(f"finished an interrupted patch of {ckpt}")
-        preflight(ckpt, out, dry_run)
-        stamps = {p.resolve(): st.file_stamp(p) for p in st.weight_files(ckpt)}
+    # issue 12: under torchrun, join the process group; rank 0 alone locks, recovers, writes
+    dist.init(pick_device(cfg.device))
+    try:
+        return _apply(ckpt, forget_dir, retain_dir, out, report_path, delta_path, dry_run, cfg, log, started)
+    finally:
+        dist.shutdown()
 
-        result = unlearn(ckpt, Path(forget_dir), Path(retain_dir) if retain_dir else None, cfg, log)
+
+def _apply(ckpt, forget_dir, retain_dir, out, report_path, delta_path, dry_run, cfg, log, started) -> dict:
+    in_place = out is None and not dry_run
+    main = dist.is_main()
+    folders = forget_folders(forget_dir)
+    # an in-place job holds the checkpoint's lock from start to end: a second one says "busy" at once
+    problem, stamps = None, None
+    with contextlib.ExitStack() as stack:
+        try:
+            check_weights_match_config(ckpt)
+            if in_place and main:
+                stack.enter_context(journal.locked(ckpt))
+            if main and ((ckpt / journal.JOURNAL).exists() or (ckpt / (journal.JOURNAL + ".tmp")).exists()):
+                if journal.recover(ckpt):
+                    log(f"finished an interrupted patch of {ckpt}")
+            if main:
+                preflight(ckpt, out, dry_run)
+                stamps = {p.resolve(): st.file_stamp(p) for p in st.weight_files(ckpt)}
+        except UserError as e:
+            problem = e
+        # issue 12: every rank could start and got the same inputs, or every rank stops here
+        dist.agree({"checkpoint": lambda: dist.fingerprint_checkpoint(ckpt),
+                    "forget": lambda: [dist.fingerprint_folder(d) for d in folders],
+                    "retain": lambda: dist.fingerprint_folder(retain_dir),
+                    "options": lambda: dist.config_fingerprint(cfg, out=out, dry_run=dry_run, delta=delta_path,
+                                                               report=report_path)}, problem)
+
+        result = unlearn(ckpt, folders, Path(retain_dir) if retain_dir else None, cfg, log)
         gc.collect()
-        journal.test_pause("before-write")
-        t_write = time.perf_counter()
-        proof = write_result(ckpt, result, Path(out) if out else None, dry_run, stamps)
-        result["phases_s"]["write"] = round(time.perf_counter() - t_write, 3)
-        result["phases_s"]["total"] = round(time.perf_counter() - started, 3)
-        return _finish(result, proof, ckpt, forget_dir, retain_dir, report_path, delta_path, dry_run)
+
+        def write_and_report():  # rank 0 only (issue 12); the whole job on one process
+            journal.test_pause("before-write")
+            t_write = time.perf_counter()
+            proof = write_result(ckpt, result, Path(out) if out else None, dry_run, stamps)
+            result["phases_s"]["write"] = round(time.perf_counter() - t_write, 3)
+            result["phases_s"]["total"] = round(time.perf_counter() - started, 3)
+            return _finish(result, proof, ckpt, folders, retain_dir, report_path, delta_path, dry_run)
+
+        return dist.on_main(write_and_report)
 
 
 def _finish(result, proof, ckpt, forget_dir, retain_dir, report_path, delta_path, dry_run) -> dict:

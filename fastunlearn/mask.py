@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import distributed as dist
 from .batches import _batch
 from .config import progress
 from .features import Sample
@@ -18,6 +19,7 @@ def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int) -
     """Diagonal empirical Fisher E[g^2] of each sample's answer NLL, fp32 (squares underflow in fp16)."""
     step = max(1, len(samples) // limit)
     chosen = samples[::step][:limit]
+    total, chosen = len(chosen), dist.local_samples(chosen)  # issue 12: each rank its own share
     params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     for sample in progress(chosen, desc="fisher"):
@@ -26,7 +28,8 @@ def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int) -
         for (n, _), g in zip(params.items(), grads):
             if g is not None:
                 fisher[n] += g.float() ** 2
-    return {n: f / len(chosen) for n, f in fisher.items()}
+    fisher = dist.all_reduce_sum(fisher)  # issue 12: identity on one process
+    return {n: f / total for n, f in fisher.items()}
 
 
 def saliency_mask(forget: dict, retain: dict, threshold: float) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import distributed as dist
 from .config import Config, progress
 from .forward import sequence_nll
 from .kernels import masked_adamw_
@@ -18,11 +19,15 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
     bar = progress(range(cfg.steps), desc=f"optimising ({cfg.method})")
     for step in bar:
         fb = forget_batches[step % len(forget_batches)]
-        loss = forget_loss(cfg.method, sequence_nll(loaded, trainable, fb), fb.ref_nll, fb.lengths, cfg.beta)
+        # issue 12: dist.local_term is term(batch) on one process; under torchrun, this rank's share of it
+        loss = dist.local_term(fb, "seqs", trainable, lambda b: forget_loss(
+            cfg.method, sequence_nll(loaded, trainable, b), b.ref_nll, b.lengths, cfg.beta))
         if use_retain:
             rb = retain_batches[step % len(retain_batches)]
-            loss = loss + cfg.retain_weight * retain_nll(sequence_nll(loaded, trainable, rb), rb.lengths)
+            loss = loss + cfg.retain_weight * dist.local_term(rb, "tokens", trainable, lambda b: retain_nll(
+                sequence_nll(loaded, trainable, b), b.lengths))
         grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
+        grads, loss_value = dist.all_reduce_grads(trainable, grads, loss)  # issue 12: identity on one process
         with torch.no_grad():
             for (n, p), g in zip(trainable.items(), grads):
                 if g is None:
@@ -30,7 +35,7 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
                 exp_avg, exp_avg_sq = state[n]
                 masked_adamw_(p, g, mask[n], exp_avg, exp_avg_sq, step=step + 1, lr=cfg.lr, beta1=0.9,
                               beta2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
-        losses.append(float(loss.detach()))
+        losses.append(loss_value)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     for p in params.values():
         p.requires_grad_(False)

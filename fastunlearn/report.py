@@ -89,8 +89,14 @@ def reproduce_info(result: dict) -> dict:
     }
 
 
+def _folder_sha(folder) -> str:
+    return _sha(str(Path(folder).resolve()))
+
+
 def build_report(result: dict, proof: dict, source: Path, forget_dir, retain_dir) -> dict:
+    """`forget_dir`: one folder or a list of them (one erasure request each, issue 12)."""
     before, after, expected = proof["before"], proof["after"], proof["expected"]
+    forget_dirs = [forget_dir] if isinstance(forget_dir, (str, Path)) else list(forget_dir)
     changed_files = sorted({c["file"] for c in result["changes"]})
     files = [
         {
@@ -131,12 +137,22 @@ def build_report(result: dict, proof: dict, source: Path, forget_dir, retain_dir
         "mask_density": result["mask_density"],
         "loss_curve": result["losses"],
         "data": {
-            "forget": {"folder_sha256": _sha(str(Path(forget_dir).resolve())), **describe_items(result["items"]["forget"])},
+            "forget": {"folder_sha256": (_folder_sha(forget_dirs[0]) if len(forget_dirs) == 1
+                                         else [_folder_sha(d) for d in forget_dirs]),
+                       **describe_items(result["items"]["forget"])},
             "retain": (
                 {"folder_sha256": _sha(str(Path(retain_dir).resolve())), **describe_items(result["items"]["retain"])}
                 if retain_dir else None
             ),
         },
+        # issue 12: each erasure request of the job (one per forget folder), by hash only
+        "requests": [
+            {"folder_sha256": _folder_sha(r["folder"]),
+             **{k: v for k, v in describe_items(r["items"]).items() if k != "items_sha256"},
+             "metrics": {"forget": r["metrics"]}}
+            for r in result.get("requests", [])
+        ],
+        "distributed": result.get("distributed", {"world_size": 1, "backend": None}),
         "config": result["config"],
         "reproduce": reproduce_info(result),
         "environment": environment(result["device"]),
