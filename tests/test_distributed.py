@@ -21,11 +21,11 @@ from conftest import FORGET, OTHERS, tree
 from test_job import assert_only_projector_bytes_changed, file_bytes
 
 # few steps, no augmented views: each run takes seconds; the same options for both launch modes
-STEPS, BATCH = 12, 4
+STEPS, BATCH = 40, 4
 OPTIONS = ["--steps", str(STEPS), "--views", "0", "--batch-size", str(BATCH), "--seed", "0", "--device", "cpu"]
 CONFIG = dict(steps=STEPS, views=0, batch_size=BATCH, seed=0, device="cpu")
 # The reduction order differs (each rank sums its share, then the all-reduce), so the projector
-# matches the single-process one to float32 rounding, amplified a little by 12 AdamW steps:
+# matches the single-process one to float32 rounding, amplified a little by 40 AdamW steps:
 TOLERANCE = 1e-4  # max |difference| of any projector element (the elements are O(0.1))
 TIMEOUT = 240
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FASTUNLEARN_DIST_TIMEOUT_S": "60",
