@@ -28,6 +28,9 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per batch (default {d.batch_size})")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda (default auto: cuda when available)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    p.add_argument("--shard-llm", action="store_true",
+                   help="under torchrun: shard the frozen LLM's decoder layers over the ranks (FSDP2), for models "
+                   "too big for one device; the projector stays replicated")
 
 
 def _config(args):
@@ -35,7 +38,7 @@ def _config(args):
 
     return Config(method=args.method, steps=args.steps, lr=args.lr, beta=args.beta, retain_weight=args.retain_weight,
                   mask=args.mask, mask_threshold=args.mask_threshold, views=args.views, batch_size=args.batch_size, device=args.device,
-                  seed=args.seed)
+                  seed=args.seed, shard_llm=args.shard_llm)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -62,8 +62,11 @@ class _State:
     local_rank: int
     backend: str
     device: torch.device
+    shard: bool = False  # FSDP2: the frozen LLM's decoder layers sharded over the ranks
     defer_term: bool = False
     term_pending: bool = False
+    dummy: object = None  # sharded LLM: a local sample every rank can run when it has nothing to run
+    shard_bytes: tuple = ()  # sharded LLM: (decoder-layer bytes in the model, held by rank 0)
 
 
 _state: _State | None = None
@@ -104,8 +107,9 @@ def timeout_s() -> float:
     return value
 
 
-def init(device: torch.device) -> torch.device:
+def init(device: torch.device, shard: bool = False) -> torch.device:
     """Join torchrun's process group (once); returns this rank's device (cuda:LOCAL_RANK on CUDA).
+    `shard`: shard the frozen LLM over the ranks (FSDP2, see `place_sharded`).
     Without torchrun's environment: nothing happens and `device` is returned as it is."""
     global _state
     if _state is not None:
@@ -127,7 +131,7 @@ def init(device: torch.device) -> torch.device:
                                 **({"device_id": device} if device.type == "cuda" else {}))
     except Exception as e:  # the rendezvous failed: another rank is gone or the store is unreachable
         raise RankFailed(f"rank {os.environ['RANK']}: cannot join the torchrun job ({_first_line(e)}); nothing was written") from None
-    _state = _State(dist.get_rank(), dist.get_world_size(), local_rank, backend, device)
+    _state = _State(dist.get_rank(), dist.get_world_size(), local_rank, backend, device, shard)
     signal.signal(signal.SIGTERM, _on_sigterm)
     return device
 
@@ -150,7 +154,14 @@ def describe() -> dict:
     if _state is None:
         return {"world_size": 1, "backend": None, "launcher": None}
     return {"world_size": _state.world, "backend": _state.backend, "launcher": "torchrun",
-            "sample_ownership": "picture k -> rank k % world_size", "written_by_rank": 0}
+            "sample_ownership": "picture k -> rank k % world_size", "written_by_rank": 0,
+            "llm": "sharded: FSDP2 fully_shard per decoder layer" if _state.shard else "replicated",
+            **({"decoder_layer_bytes": _state.shard_bytes[0], "decoder_layer_bytes_held_by_rank_0": _state.shard_bytes[1]}
+               if _state.shard_bytes else {})}
+
+
+def sharding() -> bool:
+    return _state is not None and _state.shard
 
 
 def _first_line(e: BaseException) -> str:
@@ -341,7 +352,9 @@ def fill_answers(loaded, items, max_new_tokens):
     """features.fill_answers, each rank generating the greedy answers of its own pictures."""
     from .features import fill_answers as fill, greedy_answers
 
-    if _state is None:
+    if _state is None or _state.shard:
+        # sharded LLM: every FSDP-wrapped layer call is a collective, so every rank must make the same
+        # calls: each generates every answer (same inputs, same greedy tokens, same number of steps)
         return fill(loaded, items, max_new_tokens)
     owners = _owners(items)
     mine = [i for i, it in enumerate(items) if it.answer is None and owners[i] == rank()]
@@ -366,6 +379,8 @@ def cache_samples(loaded, items, desc, views=0, seed=0) -> list:
             continue
         for j, s in enumerate(cache(loaded, [item], desc, views, seed)):
             local[i, j] = s
+            if _state.dummy is None:
+                _state.dummy = s
             meta.append((i, j, s.view, len(s.input_ids) - s.answer_start))
     everything = sorted((m + (r,)) for r, part in enumerate(all_gather_object(meta, "sharing the sample list")) for m in part)
     return [local[i, j] if r == rank() else RemoteSample(view, tokens, r) for i, j, view, tokens, r in everything]
@@ -376,9 +391,24 @@ class EmptyBatch:
 
     empty = True
 
-    def __init__(self):
+    def __init__(self, loaded=None):
         self.lengths = torch.zeros(0)
         self.ref_nll = None
+        self.loaded = loaded
+
+
+def _dummy_batch(loaded):
+    """A one-sample batch of this rank's, run with zero weight where a sharded LLM needs every rank."""
+    from .batches import _batch
+
+    if _state.dummy is None:
+        raise UserError(f"rank {rank()}: holds no picture; a sharded LLM needs at least one picture per rank "
+                        "(use fewer ranks)")
+    if not isinstance(_state.dummy, tuple):
+        b = _batch(loaded, [_state.dummy])
+        b.ref_nll = torch.zeros(1, device=loaded.device)
+        _state.dummy = (_state.dummy, b)
+    return _state.dummy[1]
 
 
 def make_batches(loaded, samples: list, batch_size: int) -> list:
@@ -393,7 +423,7 @@ def make_batches(loaded, samples: list, batch_size: int) -> list:
     for start in range(0, len(samples), batch_size):
         group = samples[start : start + batch_size]
         local = [(start + k, s) for k, s in enumerate(group) if not isinstance(s, RemoteSample)]
-        b = _batch(loaded, [s for _, s in local]) if local else EmptyBatch()
+        b = _batch(loaded, [s for _, s in local]) if local else EmptyBatch(loaded)
         b.positions = [p for p, _ in local]
         b.global_seqs = len(group)
         b.global_tokens = sum(_tokens(s) for s in group)
@@ -410,16 +440,83 @@ def _is_empty(b) -> bool:
     return getattr(b, "empty", False)
 
 
+class Padding:
+    """Sharded LLM: a stand-in sample, run with zero weight so that every rank makes as many calls."""
+
+    def __init__(self, sample):
+        self.sample = sample
+
+
 def local_samples(samples: list) -> list:
-    """The samples this rank computes (all of them on one process)."""
-    return samples if _state is None else [s for s in samples if not isinstance(s, RemoteSample)]
+    """The samples this rank computes (all of them on one process); with a sharded LLM, padded with
+    `Padding` stand-ins to the largest share, so that every rank makes the same calls."""
+    if _state is None:
+        return samples
+    mine = [s for s in samples if not isinstance(s, RemoteSample)]
+    if not _state.shard:
+        return mine
+    counts = all_gather_object(len(mine), "counting samples")
+    if max(counts) > len(mine):
+        if _state.dummy is None:
+            _dummy_batch(None)  # raises: this rank holds no picture
+        stand_in = _state.dummy[0] if isinstance(_state.dummy, tuple) else _state.dummy
+        mine += [Padding(stand_in)] * (max(counts) - len(mine))
+    return mine
+
+
+def unpad(sample):
+    """(the sample to run, whether it is a zero-weight stand-in)."""
+    return (sample.sample, True) if isinstance(sample, Padding) else (sample, False)
+
+
+def place_sharded(model, device: torch.device) -> bool:
+    """With a sharded LLM (FSDP2): each decoder layer of the frozen LLM fully_shard-ed over the ranks
+    (its parameters split on dim 0, all-gathered for its forward and again for its backward, freed
+    after each); everything else (embeddings, final norm, lm_head, vision tower, projector) replicated
+    on `device`. Frozen parameters get no gradient, so FSDP never reduce-scatters anything.
+    Returns False (nothing done) unless the job runs sharded."""
+    if not sharding():
+        return False
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    lm = model.model.language_model
+    layers = getattr(lm, "layers", None)
+    if layers is None:
+        raise UserError(f"{model.config.model_type}: no decoder layers found to shard (language_model.layers)")
+    mesh = init_device_mesh(device.type, (_state.world,))
+    for name, child in model.named_children():
+        if child is not model.model:
+            child.to(device)
+    for name, child in model.model.named_children():
+        if child is not lm:
+            child.to(device)
+    for name, child in lm.named_children():
+        if child is not layers:
+            child.to(device)
+    total = sum(p.numel() * p.element_size() for p in layers.parameters())
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)  # moves this rank's shard to the mesh's device
+    held = sum(p.to_local().numel() * p.element_size() for p in layers.parameters())
+    _state.shard_bytes = (total, all_gather_object(held, "sharding the LLM")[0])
+    for buf_owner in model.modules():  # rotary tables and other buffers
+        for k, b in list(buf_owner.named_buffers(recurse=False)):
+            if b.device != device:
+                setattr(buf_owner, k, b.to(device))
+    return True
 
 
 def score(loaded, params, batches: list) -> dict:
     """forward.score over this rank's non-empty batches (local order)."""
     from .forward import score as run
 
-    return run(loaded, params, [b for b in batches if not _is_empty(b)])
+    if not sharding():
+        return run(loaded, params, [b for b in batches if not _is_empty(b)])
+    # sharded LLM: run a stand-in for each empty part (every rank the same forward calls); drop its rows
+    scores = run(loaded, params, [_dummy_batch(loaded) if _is_empty(b) else b for b in batches])
+    keep = torch.cat([torch.zeros(1, dtype=torch.bool) if _is_empty(b) else torch.ones(len(b.lengths), dtype=torch.bool)
+                      for b in batches]) if batches else torch.zeros(0, dtype=torch.bool)
+    return {k: v[keep] for k, v in scores.items()}
 
 
 def local_term(batch, kind: str, params: dict, term):
@@ -429,6 +526,8 @@ def local_term(batch, kind: str, params: dict, term):
     if _state is None:
         return term(batch)
     if _is_empty(batch):
+        if sharding():  # every rank must run the sharded layers, forward and backward: a zero-weight stand-in
+            return term(_dummy_batch(batch.loaded)) * 0.0
         return sum((p * 0).sum() for p in params.values())  # in the graph, zero gradient
     if kind == "seqs":
         share = len(batch.positions) / batch.global_seqs

@@ -86,7 +86,7 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     folders = forget_folders(forget_dir)
     requests = [read_folder(d, "forget") for d in folders]  # one list of items per erasure request
     retain_items = read_folder(retain_dir, "retain") if retain_dir is not None else []
-    device = dist.init(pick_device(cfg.device))  # issue 12: cuda:LOCAL_RANK under torchrun
+    device = dist.init(pick_device(cfg.device), shard=cfg.shard_llm)  # issue 12: cuda:LOCAL_RANK under torchrun
     loaded = open_checkpoint(ckpt, device)
     phase("load")
 
@@ -187,7 +187,7 @@ def apply(ckpt, forget_dir, retain_dir=None, *, out=None, report_path=None, delt
     started = time.perf_counter()
     ckpt = Path(ckpt)
     # issue 12: under torchrun, join the process group; rank 0 alone locks, recovers, writes
-    dist.init(pick_device(cfg.device))
+    dist.init(pick_device(cfg.device), shard=cfg.shard_llm)
     try:
         return _apply(ckpt, forget_dir, retain_dir, out, report_path, delta_path, dry_run, cfg, log, started)
     finally:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as dist
 from . import safetensors_io as st
 from .errors import UserError
 from .models import Adapter, adapter_for, stored_projector_names
@@ -94,7 +95,9 @@ def open_checkpoint(ckpt: Path, device: torch.device) -> Loaded:
         model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=dtype, trust_remote_code=False, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{ckpt}: cannot load the model ({str(e).splitlines()[0]})") from None
-    model.to(device).eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if not dist.place_sharded(model, device):  # issue 12: FSDP2-sharded LLM under torchrun --shard-llm
+        model.to(device)
     processor = adapter.load_processor(ckpt)
 
     module = dict(adapter.projector_module(model).named_parameters())

@@ -23,8 +23,9 @@ def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int) -
     params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     for sample in progress(chosen, desc="fisher"):
-        grads = torch.autograd.grad(sequence_nll(loaded, params, _batch(loaded, [sample])).sum(), list(params.values()),
-                                    allow_unused=True)
+        sample, padding = dist.unpad(sample)  # issue 12: a sharded LLM runs zero-weight stand-ins in lockstep
+        nll = sequence_nll(loaded, params, _batch(loaded, [sample])).sum()
+        grads = torch.autograd.grad(nll * 0.0 if padding else nll, list(params.values()), allow_unused=True)
         for (n, _), g in zip(params.items(), grads):
             if g is not None:
                 fisher[n] += g.float() ** 2
