@@ -177,6 +177,21 @@ def _on_sigterm(signum, frame):
     raise RankFailed(f"rank {rank()}: stopped by torchrun because another rank failed; nothing was written")
 
 
+def as_failure(e: BaseException) -> RankFailed | None:
+    """A collective that failed outside `_collective` (inside FSDP's all-gathers): the one-line
+    RankFailed it means, or None for any other error (a bug keeps its traceback)."""
+    if _state is None or isinstance(e, UserError):
+        return None
+    import torch.distributed as dist
+
+    text = str(e)
+    if isinstance(e, getattr(dist, "DistError", ())) or any(k in text for k in ("Gloo", "gloo", "NCCL", "Connection closed",
+                                                                                 "Connection reset", "Broken pipe")):
+        return RankFailed(f"rank {rank()}: a collective failed: another rank stopped or failed ({_first_line(e)}); "
+                          "nothing was written")
+    return None
+
+
 def _collective(what: str, fn, *args, **kwargs):
     """Run a collective; a failure (a peer died or raised, a timeout) becomes one RankFailed line."""
     try:

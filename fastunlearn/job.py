@@ -190,6 +190,11 @@ def apply(ckpt, forget_dir, retain_dir=None, *, out=None, report_path=None, delt
     dist.init(pick_device(cfg.device), shard=cfg.shard_llm)
     try:
         return _apply(ckpt, forget_dir, retain_dir, out, report_path, delta_path, dry_run, cfg, log, started)
+    except Exception as e:
+        failure = dist.as_failure(e)  # issue 12: a peer's death seen inside FSDP's collectives: one line
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         dist.shutdown()
 

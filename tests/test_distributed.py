@@ -86,13 +86,15 @@ def test_plain_run_has_no_process_group(single):
     assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
-def test_torchrun_two_ranks_match_one_process(variant, requests, single, tmp_path):
+@pytest.mark.parametrize("llm", ["replicated", "sharded"])
+def test_torchrun_two_ranks_match_one_process(llm, variant, requests, single, tmp_path):
+    """Data parallel over 2 gloo ranks, the frozen LLM replicated on each or FSDP2-sharded over them."""
     src = variant("llava")
     before = file_bytes(src)
     out = tmp_path / "out"
     rc, err, stdout, launcher_err = torchrun(["apply", src, requests / "forget-a", requests / "forget-b", "--retain",
-                                              requests / "retain", "--out", out, *OPTIONS],
-                                             tmp_path, "ok")
+                                              requests / "retain", "--out", out, *OPTIONS,
+                                              *(["--shard-llm"] if llm == "sharded" else [])], tmp_path, "ok")
     assert rc == 0, (err, launcher_err)
     assert file_bytes(src) == before
     assert "written:" in stdout[0] and stdout[1] == ""  # rank 0 alone reports; rank 1 prints nothing
@@ -102,6 +104,9 @@ def test_torchrun_two_ranks_match_one_process(variant, requests, single, tmp_pat
     assert_only_projector_bytes_changed(before, after, report)
     d = report["distributed"]
     assert (d["world_size"], d["backend"], d["projector_identical_on_all_ranks"]) == (2, "gloo", True)
+    assert d["llm"].startswith(llm)
+    if llm == "sharded":  # rank 0 holds half of the decoder layers' bytes
+        assert d["decoder_layer_bytes_held_by_rank_0"] == d["decoder_layer_bytes"] // 2
 
     ref_out, ref = single
     ours, theirs = projector(out), projector(ref_out)
