@@ -487,7 +487,7 @@ def unpad(sample):
 def place_sharded(model, device: torch.device) -> bool:
     """With a sharded LLM (FSDP2): each decoder layer of the frozen LLM fully_shard-ed over the ranks
     (its parameters split on dim 0, all-gathered for its forward and again for its backward, freed
-    after each); everything else (embeddings, final norm, lm_head, vision tower, projector) replicated
+    after each) and activation-checkpointed (its backward recomputes it); everything else (embeddings, final norm, lm_head, vision tower, projector) replicated
     on `device`. Frozen parameters get no gradient, so FSDP never reduce-scatters anything.
     Returns False (nothing done) unless the job runs sharded."""
     if not sharding():
@@ -509,9 +509,14 @@ def place_sharded(model, device: torch.device) -> bool:
     for name, child in lm.named_children():
         if child is not layers:
             child.to(device)
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
     total = sum(p.numel() * p.element_size() for p in layers.parameters())
-    for layer in layers:
-        fully_shard(layer, mesh=mesh)  # moves this rank's shard to the mesh's device
+    for i, layer in enumerate(layers):
+        # activation checkpointing: the backward keeps only each layer's input and recomputes the
+        # layer (a 72B layer's saved activations are ~0.3 MB per token; its input 16 KB)
+        layers[i] = checkpoint_wrapper(layer)
+        fully_shard(layers[i], mesh=mesh)  # moves this rank's shard to the mesh's device
     held = sum(p.to_local().numel() * p.element_size() for p in layers.parameters())
     _state.shard_bytes = (total, all_gather_object(held, "sharding the LLM")[0])
     for buf_owner in model.modules():  # rotary tables and other buffers
