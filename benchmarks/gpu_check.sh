@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# GPU check: kernel correctness on CUDA tensors, then the kernel benchmarks, then one
-# summary table. Offline; installs nothing (the Python environment must already hold
-# torch with CUDA, triton, pytest and pytest-benchmark). At most 8 minutes: each step has a
-# timeout (150 + 210 + 120 s). The end-to-end step uses the LLaVA-1.5-7B shapes with 8 of the
+# GPU check: kernel correctness on CUDA tensors, then the kernel benchmarks, then (with 2 GPUs)
+# the torchrun job on NCCL, then one summary table. Offline; installs nothing (the Python
+# environment must already hold torch with CUDA, triton, pytest and pytest-benchmark). At most 8
+# minutes on one GPU, 10.5 with two: each step has a timeout (150 + 210 + 120 [+ 150] s). The end-to-end step uses the LLaVA-1.5-7B shapes with 8 of the
 # 32 LLM layers (FASTUNLEARN_BENCH_7B_LAYERS=32 for the full depth, when time allows).
 #
 #   OUT=/some/dir benchmarks/gpu_check.sh      # JSON + JUnit XML land in $OUT (else a temp dir)
@@ -49,8 +49,21 @@ job_rc=$?
 tail -n 8 "$OUT/bench_job.log"
 [ "$job_rc" -ne 0 ] && status=1
 
+# issue 12: torchrun on NCCL, one GPU per rank: the same job on 1 process and on 2 ranks, the LLM
+# replicated and FSDP2-sharded (--shard-llm); prints the max |projector difference| and phase times.
+ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "$ngpu" -ge 2 ]; then
+    echo "== torchrun x2 on NCCL vs one process (benchmarks/dist_check.py)"
+    timeout 150 "$PY" benchmarks/dist_check.py --nproc 2 --device cuda --json "$OUT/dist_check.json" 2>&1 | tail -n 6
+    dist_rc=${PIPESTATUS[0]}
+    [ "$dist_rc" -ne 0 ] && status=1
+else
+    dist_rc=skipped
+    echo "== torchrun on NCCL: skipped ($ngpu GPU; NCCL needs one GPU per rank, so 2 GPUs)"
+fi
+
 echo
-echo "== summary (tests rc=$test_rc, kernel benchmarks rc=$bench_rc, job benchmark rc=$job_rc; files in $OUT)"
+echo "== summary (tests rc=$test_rc, kernel benchmarks rc=$bench_rc, job benchmark rc=$job_rc, torchrun rc=$dist_rc; files in $OUT)"
 if [ -s "$OUT/bench_job.json" ]; then
     "$PY" - "$OUT/bench_job.json" <<'PYEOF'
 import json, sys
