@@ -234,6 +234,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("fastunlearn: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # issue 12: under torchrun, a rank that raises says so in one line (its peers stop in one line
+        # too); FASTUNLEARN_TRACEBACK=1 shows the traceback instead
+        from .distributed import launched_by_torchrun
+
+        if not launched_by_torchrun() or os.environ.get("FASTUNLEARN_TRACEBACK"):
+            raise
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"fastunlearn: error: rank {os.environ.get('RANK')}: {e.__class__.__name__}: {reason}; nothing was written "
+              "(FASTUNLEARN_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

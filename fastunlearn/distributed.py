@@ -266,7 +266,7 @@ def fingerprint_checkpoint(ckpt: Path) -> str:
     weights = {p.resolve() for p in st.weight_files(ckpt)}
     for path in sorted(p for p in ckpt.rglob("*") if p.is_file()):
         rel = str(path.relative_to(ckpt))
-        if rel in ("unlearning_report.json",) or rel.startswith(".fastunlearn"):
+        if rel == "unlearning_report.json" or path.name.startswith(".fastunlearn"):  # the report, the journal
             continue
         size = path.stat().st_size
         h.update(f"{rel}\0{size}\0".encode())
@@ -656,8 +656,12 @@ def on_main(fn):
 
 
 def test_die(phase: str) -> None:
-    """Test hook, inert unless FASTUNLEARN_TEST_DIE is `RANK:PHASE`: that rank kills itself
-    (SIGKILL) at `phase`, as a crashed or OOM-killed rank would."""
+    """Test hook, inert unless FASTUNLEARN_TEST_DIE is `RANK:PHASE` (that rank kills itself with
+    SIGKILL at `phase`, as a crashed or OOM-killed rank would) or `RANK:PHASE:raise` (it raises)."""
     spec = os.environ.get("FASTUNLEARN_TEST_DIE")
-    if spec and _state is not None and spec == f"{_state.rank}:{phase}":
+    if not spec or _state is None:
+        return
+    if spec == f"{_state.rank}:{phase}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if spec == f"{_state.rank}:{phase}:raise":
+        raise RuntimeError(f"injected failure at {phase} (FASTUNLEARN_TEST_DIE)")

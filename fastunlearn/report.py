@@ -77,15 +77,21 @@ def reproduce_info(result: dict) -> dict:
     options = " ".join(f"--{k.replace('_', '-')} {cfg[k]}" for k in ("method", "steps", "lr", "beta", "retain_weight",
                                                                         "mask", "mask_threshold", "views", "batch_size",
                                                                         "seed") if k in cfg)
+    world = result.get("distributed", {}).get("world_size", 1)
+    if world > 1:  # issue 12: the same job under torchrun; reduction order depends on the world size
+        options += " --shard-llm" if cfg.get("shard_llm") else ""
     return {
         "seed": cfg["seed"],
         "delta_sha256": delta_sha256(result["changes"]),
         "deterministic_on_cpu": result["device"] == "cpu",
         "torch_threads": torch.get_num_threads(),
-        "command": f"fastunlearn apply CKPT FORGET_DIR --retain RETAIN_DIR --device {result['device']} {options}",
+        "command": (f"torchrun --nproc-per-node {world} -m " if world > 1 else "")
+        + f"fastunlearn apply CKPT FORGET_DIR --retain RETAIN_DIR --device {result['device'].split(':')[0]} {options}",
         "inputs": "the files' sha256_before (checkpoint) and data.*.items_sha256 (pictures, questions, answers) below",
         "note": ("same checkpoint, folders, configuration, seed and versions give the same delta bit for bit on CPU "
-                 "(checked by tests/test_job.py::test_same_seed_same_delta); on CUDA, kernels may differ in the last bits"),
+                 "(checked by tests/test_job.py::test_same_seed_same_delta); on CUDA, kernels may differ in the last bits"
+                 + (f"; under torchrun, with {world} ranks (another number of ranks sums in another order: the projector "
+                    "agrees to float32 rounding, not bit for bit)" if world > 1 else "")),
     }
 
 

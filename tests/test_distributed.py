@@ -131,22 +131,31 @@ def test_torchrun_two_ranks_match_one_process(llm, variant, requests, single, tm
                  "--no-probes", "--max-forget-accuracy", "0.0"]) == 0
 
 
-def test_rank_killed_mid_job_writes_nothing_and_a_rerun_works(variant, fresh, requests, tmp_path):
+@pytest.mark.parametrize("how", ["killed", "raises"])
+def test_rank_failing_mid_job_writes_nothing_and_a_rerun_works(how, variant, fresh, requests, tmp_path):
+    """Rank 1 is SIGKILLed (or raises) as optimisation starts, in an in-place job: every rank stops
+    with one line, the checkpoint is untouched, no journal is left; the same command then works."""
     ckpt = fresh(variant("llava"))
     before = tree(ckpt)
-    argv = ["apply", ckpt, requests / "forget-a", "--retain", requests / "retain",
-            "--mask", "none", *OPTIONS]
-    rc, err, _, launcher_err = torchrun(argv, tmp_path, "killed", FASTUNLEARN_TEST_DIE="1:optimise")
+    argv = ["apply", ckpt, requests / "forget-a", "--retain", requests / "retain", "--mask", "none", *OPTIONS[2:],
+            "--steps", "4"]
+    die = "1:optimise" if how == "killed" else "1:optimise:raise"
+    rc, err, _, launcher_err = torchrun(argv, tmp_path, how, FASTUNLEARN_TEST_DIE=die)
     assert rc != 0
     assert tree(ckpt) == before  # untouched, and no journal (or anything else) left in it
     lines = err[0].strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fastunlearn: error: rank 0: "), err[0]
     assert "nothing was written" in lines[0]
+    if how == "raises":  # the rank that raised says why, in one line
+        lines = err[1].strip().splitlines()
+        assert len(lines) == 1 and "rank 1: RuntimeError: injected failure" in lines[0], err[1]
+        return
 
     rc, err, _, launcher_err = torchrun(argv, tmp_path, "rerun")
     assert rc == 0, (err, launcher_err)
     report = json.loads((ckpt / "unlearning_report.json").read_text())
     assert report["checkpoint"]["in_place"] and report["distributed"]["world_size"] == 2
+    assert report["reproduce"]["command"].startswith("torchrun --nproc-per-node 2 -m fastunlearn apply")
     assert {c["file"] for c in report["changed_tensors"]} == {"model.safetensors"}
 
 
@@ -156,25 +165,31 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_mismatched_checkpoints_across_ranks_stop_before_any_work(variant, fresh, requests, tmp_path):
+@pytest.mark.parametrize("differs", ["checkpoint", "forget"])
+def test_mismatched_inputs_across_ranks_stop_before_any_work(differs, variant, fresh, requests, tmp_path):
     """Two ranks started by hand (torchrun's environment, each its own arguments): rank 1's checkpoint
-    differs by one byte of a frozen LLM tensor. Both stop before loading a model; nothing written."""
+    differs by one byte of a frozen LLM tensor, or its forget folder is another one. Both stop before
+    loading a model, with one line naming what differs; nothing is written."""
     a, b = fresh(variant("llava"), "a"), fresh(variant("llava"), "b")
-    data = bytearray((b / "model.safetensors").read_bytes())
-    data[-1] ^= 1
-    (b / "model.safetensors").write_bytes(bytes(data))
+    if differs == "checkpoint":
+        data = bytearray((b / "model.safetensors").read_bytes())
+        data[-1] ^= 1
+        (b / "model.safetensors").write_bytes(bytes(data))
+        args = [(a, requests / "forget-a"), (b, requests / "forget-a")]
+    else:
+        args = [(a, requests / "forget-a"), (a, requests / "forget-b")]
     before = {p: tree(p) for p in (a, b)}
     port = str(_free_port())
     procs = []
-    for r, ckpt in enumerate((a, b)):
+    for r, (ckpt, forget) in enumerate(args):
         e = env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, "-m", "fastunlearn", "apply", str(ckpt), str(requests / "forget-a"),
-                                       *OPTIONS], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen([sys.executable, "-m", "fastunlearn", "apply", str(ckpt), str(forget), *OPTIONS],
+                                      env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = [p.communicate(timeout=TIMEOUT) for p in procs]
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 2, err
         lines = err.strip().splitlines()
-        assert len(lines) == 1 and "rank 1's inputs differ from rank 0's (checkpoint)" in lines[0], err
+        assert len(lines) == 1 and f"rank 1's inputs differ from rank 0's ({differs})" in lines[0], err
     assert {p: tree(p) for p in (a, b)} == before
 
 
