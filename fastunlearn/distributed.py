@@ -64,7 +64,6 @@ class _State:
     device: torch.device
     shard: bool = False  # FSDP2: the frozen LLM's decoder layers sharded over the ranks
     defer_term: bool = False
-    term_pending: bool = False
     dummy: object = None  # sharded LLM: a local sample every rank can run when it has nothing to run
     shard_bytes: tuple = ()  # sharded LLM: (decoder-layer bytes in the model, held by rank 0)
 
@@ -165,15 +164,18 @@ def sharding() -> bool:
 
 
 def _first_line(e: BaseException) -> str:
+    """The gist of an error: its first line, without gloo's source location and advice."""
+    import re
+
     text = str(e).strip().splitlines()
-    return (text[0] if text else e.__class__.__name__)[:200]
+    line = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text[0]) if text else e.__class__.__name__
+    return line.split(". This is typically")[0][:200]
 
 
 def _on_sigterm(signum, frame):
     # torchrun sends SIGTERM to every rank once one has failed
     if _state is not None and _state.defer_term:
-        _state.term_pending = True  # rank 0 is writing: finish the write (crash-safe either way), then stop
-        return
+        return  # rank 0 is writing: finish it (every rank had finished its part; the write is crash-safe anyway)
     raise RankFailed(f"rank {rank()}: stopped by torchrun because another rank failed; nothing was written")
 
 
@@ -257,8 +259,10 @@ WHOLE_FILE_LIMIT = 64 << 20
 
 def fingerprint_checkpoint(ckpt: Path) -> str:
     """sha256 over the checkpoint folder: every small file whole; each weight file's size, header
-    and, beyond 64 MiB, 64 blocks of 64 KiB spread over it (hashing a 146 GB checkpoint on every rank
-    would take minutes; the projector's own bytes are compared again, in full, before the write)."""
+    and, beyond 64 MiB, 64 blocks of 64 KiB spread over it. Hashing a 146 GB checkpoint whole on every
+    rank would take minutes, so a difference in a large weight file outside those blocks and the
+    header is not seen here (rank 0 still checks, before writing, that the projector bytes it
+    replaces are the ones it started from)."""
     from . import safetensors_io as st
 
     ckpt = Path(ckpt)
@@ -306,19 +310,18 @@ def agree(inputs: dict, problem: UserError | None = None) -> None:
         if problem is not None:
             raise problem
         return
-    mine = {"problem": None if problem is None else [problem.__class__.__name__, str(problem), problem.exit_status]}
     if problem is None:
         try:
-            mine["inputs"] = {k: f() for k, f in inputs.items()}
+            inputs = {k: f() for k, f in inputs.items()}
         except UserError as e:
-            mine["problem"] = [e.__class__.__name__, str(e), e.exit_status]
+            problem = e
+    mine = {"problem": None if problem is None else [problem.__class__.__name__, str(problem), problem.exit_status],
+            "inputs": inputs if problem is None else None}
     everyone = all_gather_object(mine, "agreeing on the inputs")
     if problem is not None:
         raise problem
     for r, theirs in enumerate(everyone):
         if theirs["problem"] is not None:
-            if r == rank():
-                raise UserError(theirs["problem"][1])
             err = RankFailed(f"rank {rank()}: rank {r} cannot start: {theirs['problem'][1]}")
             err.exit_status = theirs["problem"][2]
             raise err
@@ -624,13 +627,16 @@ def summaries(scores: dict, batches: list, slices: list[tuple[int, int]] | None 
 
 
 def on_main(fn):
-    """Run `fn` (the write and the report) on rank 0 alone, SIGTERM deferred while it runs; every
-    other rank waits and returns rank 0's result, or stops with one line if rank 0 failed.
+    """Run `fn` (the write and the report) on rank 0 alone, once every rank has finished its part
+    (a last all-gather: a rank lost before it means nothing is written), SIGTERM deferred while it
+    runs; every other rank waits and returns rank 0's result, or stops with one line if rank 0
+    failed. Once rank 0 has written, a rank lost afterwards no longer changes rank 0's outcome.
     One process: `fn()`."""
     if _state is None:
         return fn()
     import torch.distributed as dist
 
+    all_gather_object(True, "waiting for every rank to finish before the write")
     box = [None]
     error = None
     if is_main():
@@ -643,11 +649,14 @@ def on_main(fn):
             error, box[0] = e, ("failed", _first_line(e), 1)
         finally:
             _state.defer_term = False
-    _collective("waiting for rank 0 to write", dist.broadcast_object_list, box, src=0)
+    try:
+        _collective("waiting for rank 0 to write", dist.broadcast_object_list, box, src=0)
+    except RankFailed:
+        if is_main() and error is None:
+            return box[0][1]  # written and reported: the peers' loss now changes nothing
+        raise
     if error is not None:
         raise error
-    if _state.term_pending:
-        raise RankFailed(f"rank {rank()}: stopped by torchrun after the write completed")
     if box[0][0] != "ok":
         err = RankFailed(f"rank {rank()}: rank 0 failed: {box[0][1]}")
         err.exit_status = box[0][2]
