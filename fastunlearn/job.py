@@ -57,9 +57,12 @@ def forget_folders(forget_dir) -> list[Path]:
     for d in map(Path, dirs):
         if d.is_file():
             try:
-                lines = d.read_text(encoding="utf-8").splitlines()
+                if d.stat().st_size > 1 << 20:
+                    raise UserError(f"{d}: a file, not a folder; too large for a manifest (one forget folder a line)")
+                lines = d.read_bytes().decode("utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as e:
-                raise UserError(f"{d}: unreadable manifest ({e.__class__.__name__})") from None
+                raise UserError(f"{d}: a file, not a folder; not usable as a manifest (one forget folder a line: "
+                                f"{e.__class__.__name__})") from None
             listed = [d.parent / line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
             if not listed:
                 raise UserError(f"{d}: manifest lists no forget folder")

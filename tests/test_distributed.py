@@ -165,11 +165,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def start_ranks(args, extra=()):
+    """Two ranks started by hand (torchrun's environment, each its own CKPT and FORGET_DIR)."""
+    port = str(_free_port())
+    procs = []
+    for r, (ckpt, forget) in enumerate(args):
+        e = env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, "-m", "fastunlearn", "apply", str(ckpt), str(forget), *OPTIONS,
+                                       *extra], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return [(p, *p.communicate(timeout=TIMEOUT)) for p in procs]
+
+
 @pytest.mark.parametrize("differs", ["checkpoint", "forget"])
 def test_mismatched_inputs_across_ranks_stop_before_any_work(differs, variant, fresh, requests, tmp_path):
-    """Two ranks started by hand (torchrun's environment, each its own arguments): rank 1's checkpoint
-    differs by one byte of a frozen LLM tensor, or its forget folder is another one. Both stop before
-    loading a model, with one line naming what differs; nothing is written."""
+    """Rank 1's checkpoint differs by one byte of a frozen LLM tensor, or its forget folder is another
+    one. Both ranks stop before loading a model, with one line naming what differs; nothing is written."""
     a, b = fresh(variant("llava"), "a"), fresh(variant("llava"), "b")
     if differs == "checkpoint":
         data = bytearray((b / "model.safetensors").read_bytes())
@@ -179,18 +189,28 @@ def test_mismatched_inputs_across_ranks_stop_before_any_work(differs, variant, f
     else:
         args = [(a, requests / "forget-a"), (a, requests / "forget-b")]
     before = {p: tree(p) for p in (a, b)}
-    port = str(_free_port())
-    procs = []
-    for r, (ckpt, forget) in enumerate(args):
-        e = env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, "-m", "fastunlearn", "apply", str(ckpt), str(forget), *OPTIONS],
-                                      env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = [p.communicate(timeout=TIMEOUT) for p in procs]
-    for p, (out, err) in zip(procs, results):
+    for p, out, err in start_ranks(args):
         assert p.returncode == 2, err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and f"rank 1's inputs differ from rank 0's ({differs})" in lines[0], err
     assert {p: tree(p) for p in (a, b)} == before
+
+
+def test_rank_0_cannot_start_so_no_rank_starts(variant, fresh, requests):
+    """Another job holds the checkpoint's lock: rank 0 says busy, rank 1 stops with the same status
+    instead of starting the work alone."""
+    from fastunlearn import journal
+
+    ckpt = fresh(variant("llava"))
+    before = tree(ckpt)
+    with journal.locked(ckpt):
+        results = start_ranks([(ckpt, requests / "forget-a")] * 2)
+    for r, (p, out, err) in enumerate(results):
+        assert p.returncode == 7, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "checkpoint is busy" in lines[0], err
+        assert r == 0 or "rank 1: rank 0 cannot start" in lines[0]
+    assert tree(ckpt) == before
 
 
 def test_several_requests_one_process_with_a_manifest(variant, requests, tmp_path, capsys):
