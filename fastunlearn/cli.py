@@ -110,11 +110,13 @@ def print_metrics(metrics: dict) -> None:
 
 
 def cmd_apply(args) -> int:
-    from .distributed import launched_by_torchrun
+    from . import distributed
     from .job import apply
 
-    # issue 12: under torchrun, rank 0 alone prints (every rank prints its own error line)
-    quiet = launched_by_torchrun() and os.environ.get("RANK") != "0"
+    # issue 12: under torchrun, rank 0 alone prints (every rank prints its own error line, which
+    # torchrun's SIGTERM to the survivors must not cut short)
+    distributed.HOLD_SIGTERM_AFTER_FAILURE = True
+    quiet = distributed.launched_by_torchrun() and os.environ.get("RANK") != "0"
     report = apply(args.ckpt, args.forget, args.retain, out=args.out, report_path=args.report, delta_path=args.delta,
                    dry_run=args.dry_run, config=_config(args), log=(lambda *a: None) if quiet else print)
     if quiet:

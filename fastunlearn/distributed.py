@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -69,6 +70,12 @@ class _State:
 
 
 _state: _State | None = None
+_previous_sigterm = None
+_stopping = False  # this rank is on its way out with an error: SIGTERM waits for its one line
+# The CLI exits right after its error line, so it keeps ignoring torchrun's SIGTERM after a failed
+# job (a signal arriving between the job's end and the printing would kill the line); a program
+# using the API gets its own SIGTERM handler back when the job ends, failed or not.
+HOLD_SIGTERM_AFTER_FAILURE = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +117,7 @@ def init(device: torch.device, shard: bool = False) -> torch.device:
     """Join torchrun's process group (once); returns this rank's device (cuda:LOCAL_RANK on CUDA).
     `shard`: shard the frozen LLM over the ranks (FSDP2, see `place_sharded`).
     Without torchrun's environment: nothing happens and `device` is returned as it is."""
-    global _state
+    global _state, _previous_sigterm, _stopping
     if _state is not None:
         return _state.device
     if not launched_by_torchrun():
@@ -131,7 +138,9 @@ def init(device: torch.device, shard: bool = False) -> torch.device:
     except Exception as e:  # the rendezvous failed: another rank is gone or the store is unreachable
         raise RankFailed(f"rank {os.environ['RANK']}: cannot join the torchrun job ({_first_line(e)}); nothing was written") from None
     _state = _State(dist.get_rank(), dist.get_world_size(), local_rank, backend, device, shard)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    _stopping = False
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        _previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
     return device
 
 
@@ -142,10 +151,19 @@ def shutdown() -> None:
         return
     import torch.distributed as dist
 
-    _state = None
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    backend, _state = _state.backend, None
+    if _previous_sigterm is not None and not (_stopping and HOLD_SIGTERM_AFTER_FAILURE):
+        signal.signal(signal.SIGTERM, _previous_sigterm)
+    if _stopping and backend == "nccl":
+        return  # after a peer's loss NCCL's teardown can block; the process is ending anyway
     with contextlib.suppress(Exception):
         dist.destroy_process_group()
+
+
+def stopping() -> None:
+    """This rank is ending with an error: a SIGTERM from torchrun no longer interrupts it."""
+    global _stopping
+    _stopping = True
 
 
 def describe() -> dict:
@@ -174,8 +192,11 @@ def _first_line(e: BaseException) -> str:
 
 def _on_sigterm(signum, frame):
     # torchrun sends SIGTERM to every rank once one has failed
+    if _stopping:
+        return  # already ending with its own error line
     if _state is not None and _state.defer_term:
         return  # rank 0 is writing: finish it (every rank had finished its part; the write is crash-safe anyway)
+    stopping()
     raise RankFailed(f"rank {rank()}: stopped by torchrun because another rank failed; nothing was written")
 
 

@@ -194,6 +194,7 @@ def apply(ckpt, forget_dir, retain_dir=None, *, out=None, report_path=None, delt
     try:
         return _apply(ckpt, forget_dir, retain_dir, out, report_path, delta_path, dry_run, cfg, log, started)
     except Exception as e:
+        dist.stopping()  # issue 12: torchrun's SIGTERM must not cut this rank's error line
         failure = dist.as_failure(e)  # issue 12: a peer's death seen inside FSDP's collectives: one line
         if failure is None:
             raise
