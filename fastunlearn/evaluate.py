@@ -197,8 +197,8 @@ def relearn_steps(loaded: Loaded, params, train: list[Sample], heldout: list[Bat
 @torch.no_grad()
 def projected_tokens(loaded: Loaded, params, samples: list[Sample]) -> torch.Tensor:
     """The projector's output for each sample's picture, flattened: [samples, tokens * hidden]."""
-    return torch.stack([loaded.adapter.project(params, s.features.to(loaded.device, torch.float32)).flatten().cpu()
-                        for s in samples])
+    return torch.stack([loaded.adapter.project_images(loaded.model, params, [s.features.to(loaded.device, torch.float32)],
+                                                      [s.grid])[0].flatten().cpu() for s in samples])
 
 
 def fresh_projector(params: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:

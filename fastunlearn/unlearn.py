@@ -158,8 +158,10 @@ class Batch:
     input_ids: torch.Tensor  # [B, L]
     attention_mask: torch.Tensor
     image_mask: torch.Tensor  # [B, L] True at image placeholder tokens
-    features: torch.Tensor | BatchFeatures | None  # [sum image tokens, d] in sequence order
-    position_ids: torch.Tensor | None
+    features: torch.Tensor | BatchFeatures | None  # cached features of the batch's pictures, concatenated in order
+    feature_sizes: list[int]  # rows of `features` per picture
+    grids: list[dict]  # per picture: its family-specific layout (e.g. image_grid_thw), no pixels
+    model_inputs: dict  # extra keyword arguments of the model's forward (position ids, token types, ...)
     answer_rows: torch.Tensor  # flat indices into [B*L] of hidden states that predict answer tokens
     targets: torch.Tensor  # answer token ids, one per row
     answer_seq: torch.Tensor  # which sequence each answer row belongs to
@@ -334,7 +336,7 @@ def cache_samples(loaded: Loaded, items: list[Item], desc: str, views: int = 0, 
 def drop_vision_tower(loaded: Loaded) -> None:
     """Features are cached: free the vision tower (and pixels) for the rest of the job."""
     inner = loaded.model.model
-    for attr in ("vision_tower", "visual"):
+    for attr in ("vision_tower", "visual", "vision_model"):
         if getattr(inner, attr, None) is not None:
             setattr(inner, attr, None)
     loaded.pixel_cache.clear()
@@ -375,7 +377,9 @@ def _batch(loaded: Loaded, samples: list[Sample]) -> Batch:
         attention_mask=attention_mask,
         image_mask=image_mask.to(device),
         features=features_in,
-        position_ids=loaded.adapter.position_ids(model, input_ids, attention_mask, grids),
+        feature_sizes=[f.shape[0] for f in features],
+        grids=[s.grid for s in samples if s.features is not None],
+        model_inputs=loaded.adapter.model_inputs(model, input_ids, attention_mask, grids),
         answer_rows=torch.cat(rows).to(device),
         targets=torch.cat(targets).to(device),
         answer_seq=seq.to(device),
@@ -387,18 +391,24 @@ def _batch(loaded: Loaded, samples: list[Sample]) -> Batch:
 
 
 def answer_hidden(loaded: Loaded, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-    """Final hidden states at the positions that predict answer tokens, [answer tokens, H]."""
+    """Final hidden states at the positions that predict answer tokens, [answer tokens, H].
+
+    The one place where projected tokens enter the frozen LLM: the adapter turns the cached features
+    into the connector's outputs (`connector_inputs`, a function of `params`), and the family's own
+    multimodal forward (`model.model`) places them (placeholder scatter, or cross-attention states),
+    with its own attention masks and position ids."""
     model = loaded.model
-    embeds = model.get_input_embeddings()(batch.input_ids)
+    inputs = dict(batch.model_inputs)
     if batch.features is not None:
-        projected = loaded.adapter.project(params, batch.features.to(torch.float32))
-        n_slots = int(batch.image_mask.sum())
-        if projected.shape[0] != n_slots:
-            raise UserError(f"the prompt has {n_slots} image tokens but the projector made {projected.shape[0]}")
-        embeds = embeds.masked_scatter(batch.image_mask[..., None], projected.to(embeds.dtype))
-    out = model.model.language_model(
-        inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
-    )
+        features = list(batch.features.to(torch.float32).split(batch.feature_sizes))
+        inputs.update(loaded.adapter.connector_inputs(model, params, features, batch.grids))
+        image = inputs.get("mm_encoder_outputs", {}).get("image")
+        if image is not None:
+            parts = image.pooler_output if isinstance(image.pooler_output, (list, tuple)) else [image.pooler_output]
+            n_tokens, n_slots = sum(p.numel() // p.shape[-1] for p in parts), int(batch.image_mask.sum())
+            if n_tokens != n_slots:
+                raise UserError(f"the prompt has {n_slots} image tokens but the projector made {n_tokens}")
+    out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **inputs)
     hidden = out.last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])[batch.answer_rows]
 

@@ -26,7 +26,7 @@ class Adapter:
     family: str = ""
     model_types: tuple[str, ...] = ()
     projector_prefix: str = ""  # stored-name prefix of the projector tensors, e.g. "multi_modal_projector."
-    answer_separator: str = ""  # text between the generation prompt and the answer
+    answer_separator: str | None = ""  # text between the generation prompt and the answer (None: by the prompt's end)
 
     # -- loading
     def load_processor(self, ckpt: Path):
@@ -59,15 +59,26 @@ class Adapter:
         """How many placeholder tokens the image takes in the LLM sequence."""
         raise NotImplementedError
 
+    def placeholder(self, processor, model_config) -> str:
+        """The image placeholder the prompt template writes (once per picture)."""
+        return processor.tokenizer.convert_ids_to_tokens(model_config.image_token_id)
+
+    def image_text(self, processor, model_config, pixel: dict) -> str:
+        """What the placeholder expands to for this picture."""
+        return self.placeholder(processor, model_config) * self.n_image_tokens(processor, model_config, pixel)
+
     def encode(self, processor, model_config, pixel: dict | None, question: str, answer: str | None) -> Encoded:
         """Token ids of prompt (+ answer), image placeholders expanded, answer token-aligned."""
         tokenizer = processor.tokenizer
         prompt = self.prompt(processor, question, pixel is not None)
+        separator = self.answer_separator
+        if separator is None:  # the answer follows a prompt that ends in a space or newline directly, else after a space
+            separator = "" if prompt[-1:].isspace() else " "
         if pixel is not None:
-            placeholder = tokenizer.convert_ids_to_tokens(model_config.image_token_id)
+            placeholder = self.placeholder(processor, model_config)
             if prompt.count(placeholder) != 1:
                 raise UserError(f"the prompt template must hold the image placeholder {placeholder!r} once")
-            prompt = prompt.replace(placeholder, placeholder * self.n_image_tokens(processor, model_config, pixel))
+            prompt = prompt.replace(placeholder, self.image_text(processor, model_config, pixel))
 
         def ids(text):
             return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
@@ -76,23 +87,54 @@ class Adapter:
         n = len(prompt_ids)
         if answer is None:
             return Encoded(prompt_ids, n)
-        full_ids = ids(prompt + self.answer_separator + answer)
+        full_ids = ids(prompt + separator + answer)
         if len(full_ids) <= n or not torch.equal(full_ids[:n], prompt_ids):
             # the answer merged with the prompt's last token: tokenize it on its own
-            answer_ids = tokenizer(self.answer_separator + answer, add_special_tokens=False)["input_ids"]
+            answer_ids = tokenizer(separator + answer, add_special_tokens=False)["input_ids"]
             full_ids = torch.cat([prompt_ids, torch.tensor(answer_ids, dtype=torch.long)])
         if len(full_ids) == n:
             raise UserError("an answer encodes to no tokens")
         return Encoded(full_ids, n)
 
+    def is_projector_name(self, stored_name: str) -> bool:
+        """Is a stored tensor part of the connector (in either Hub layout: `X` or `model.X`)?"""
+        return any(stored_name.startswith(p) or ("." + p) in stored_name for p in self.connector_paths())
+
+    def connector_paths(self) -> tuple[str, ...]:
+        """Stored-name stems of the connector's tensors (default: the projector prefix)."""
+        return (self.projector_prefix,)
+
     # -- model pieces
     def vision_features(self, model, pixel: dict) -> torch.Tensor:
-        """Pre-projector features of one image: [tokens, features]."""
+        """Pre-projector features of one image: [rows, features]. Everything the frozen vision side
+        computes, so that the connector is the only function of the trained parameters."""
         raise NotImplementedError
 
-    def project(self, params: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
-        """The projector as a function of its parameters (module-relative names)."""
+    def project(self, params: dict[str, torch.Tensor], features: torch.Tensor, grid: dict | None = None) -> torch.Tensor:
+        """The projector as a function of its parameters (module-relative names), on one picture's
+        features (`grid`: that picture's layout, for families whose projector needs it)."""
         raise NotImplementedError
+
+    def project_images(self, model, params: dict[str, torch.Tensor], features: list[torch.Tensor],
+                       grids: list[dict]) -> list[torch.Tensor]:
+        """Projected tokens of each picture of a batch, [tokens, hidden] each, in sequence order."""
+        return [self.project(params, f, g) for f, g in zip(features, grids)]
+
+    def connector_inputs(self, model, params: dict[str, torch.Tensor], features: list[torch.Tensor],
+                         grids: list[dict]) -> dict:
+        """Keyword arguments that bring the projected pictures into the model's forward. Default: the
+        precomputed connector outputs (transformers' `mm_encoder_outputs`), which the family's forward
+        scatters into the image placeholders itself."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        projected = self.project_images(model, params, features, grids)
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=projected)}}
+
+    def model_inputs(self, model, input_ids, attention_mask, grids: list[dict | None]) -> dict:
+        """Extra keyword arguments of the forward for a padded batch (`grids`: per sequence, None
+        without a picture), computed once per batch: position ids, token types, image layout."""
+        positions = self.position_ids(model, input_ids, attention_mask, grids)
+        return {} if positions is None else {"position_ids": positions}
 
     def position_ids(self, model, input_ids, attention_mask, pixels: list[dict]) -> torch.Tensor | None:
         return None
@@ -104,9 +146,10 @@ class Adapter:
 
 def all_adapters() -> list[Adapter]:
     from .llava import LlavaAdapter
+    from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
     from .qwen2_vl import Qwen2VLAdapter
 
-    return [LlavaAdapter(), Qwen2VLAdapter()]
+    return [LlavaAdapter(), Qwen2VLAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter()]
 
 
 def adapter_for(model_type: str | None) -> Adapter:

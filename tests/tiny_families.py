@@ -1,0 +1,111 @@
+"""Tiny checkpoints of the real transformers classes of each image-text-to-text family, with random
+weights, built offline: config, model, tokenizer (a byte-level BPE trained on the synthetic world's
+texts, with the family's special tokens and a chat template) and the family's image processor
+(PIL backend), saved as a Hugging Face checkpoint folder. Nothing is downloaded."""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+from fastunlearn import world
+
+T = dict(vocab_size=None, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+         intermediate_size=37, max_position_embeddings=512, tie_word_embeddings=False)
+V = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+
+
+def chat_template(image: str, bos: str = "") -> str:
+    """`{bos}User:{image}{question}\\nAssistant:`; the image written as `image`."""
+    return (
+        f"{bos}"
+        "{% for message in messages %}{{ message['role'] | capitalize }}:"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for c in message['content'] %}"
+        f"{{% if c['type'] == 'image' %}}{image}{{% elif c['type'] == 'text' %}}{{{{ c['text'] }}}}{{% endif %}}"
+        "{% endfor %}{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}Assistant:{% endif %}"
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _bpe(specials: tuple[str, ...]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = [f"User:{q}\nAssistant: {a}" for q, a in [(world.VISUAL_QUESTION, p["name"]) for p in world.PEOPLE]]
+    texts += [f"User:{q}\nAssistant: {a}" for _, q, a in world.all_text_facts()] + ["Describe this image."]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, min_frequency=1, show_progress=False, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts * 4, trainer)
+    return tok.to_str()
+
+
+def tokenizer(specials: list[str], template: str, **attrs):
+    """A PreTrainedTokenizerFast whose first special tokens are <pad> <s> </s> then `specials`;
+    `attrs` become named special tokens (image_token=..., boi_token=...)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    base = ["<pad>", "<s>", "</s>"]
+    tok = Tokenizer.from_str(_bpe(tuple(base + specials)))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   extra_special_tokens=attrs, chat_template=template, model_max_length=4096)
+
+
+def ids(tok, *tokens):
+    return [tok.convert_tokens_to_ids(t) for t in tokens]
+
+
+def text_config(tok, **kw):
+    return {**T, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id, **kw}
+
+
+def save(model, parts, out: Path, dtype=None, shard: str | None = None) -> Path:
+    """save_pretrained the model (in `dtype`, sharded at `shard`) and each processor part."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    g = model.generation_config
+    tok = getattr(parts[0], "tokenizer", parts[0])
+    g.eos_token_id, g.pad_token_id, g.bos_token_id, g.do_sample = tok.eos_token_id, tok.pad_token_id, tok.bos_token_id, False
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(out, max_shard_size=shard or "10GB")
+    for part in parts:
+        part.save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------- the families
+
+
+def llava_next():
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tok = tokenizer(["<image>"], chat_template("<image>", "<s>"), image_token="<image>")
+    config = LlavaNextConfig(
+        text_config={"model_type": "llama", **text_config(tok)},
+        vision_config={"model_type": "clip_vision_model", **V, "image_size": 16, "patch_size": 4, "projection_dim": 32},
+        image_grid_pinpoints=[[32, 32], [16, 32], [32, 16]], image_token_id=ids(tok, "<image>")[0],
+        vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False)
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                    image_grid_pinpoints=config.image_grid_pinpoints)
+    processor = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=4, vision_feature_select_strategy="default",
+                                   num_additional_image_tokens=1,
+                                   chat_template=tok.chat_template)
+    return LlavaNextForConditionalGeneration(config), [processor]
+
+
+FAMILIES = {"llava_next": llava_next}
+
+
+def build(family: str, out: Path, dtype=None, shard: str | None = None, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model, parts = FAMILIES[family]()
+    return save(model.eval(), parts, out, dtype, shard)
