@@ -104,6 +104,7 @@ def greedy_generate(loaded: Loaded, params, prompts: list[Sample], max_new_token
     tokenizer = loaded.processor.tokenizer
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id or 0
     lm_head = loaded.model.get_output_embeddings().weight
+    image_token = loaded.model.config.image_token_id
     texts = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -118,7 +119,7 @@ def greedy_generate(loaded: Loaded, params, prompts: list[Sample], max_new_token
             for b, token in enumerate(next_ids):
                 if done[b]:
                     continue
-                if token == eos:
+                if token in (eos, image_token):  # an image placeholder cannot be fed back without a picture
                     done[b] = True
                 else:
                     generated[b].append(token)

@@ -77,7 +77,10 @@ def save(model, parts, out: Path, dtype=None, shard: str | None = None) -> Path:
         model = model.to(dtype)
     model.save_pretrained(out, max_shard_size=shard or "10GB")
     for part in parts:
-        part.save_pretrained(out)
+        if isinstance(part, dict):  # processor settings of a processor that cannot be built here
+            (out / "processor_config.json").write_text(json.dumps(part, indent=2))
+        else:
+            part.save_pretrained(out)
     return out
 
 
@@ -102,7 +105,39 @@ def llava_next():
     return LlavaNextForConditionalGeneration(config), [processor]
 
 
-FAMILIES = {"llava_next": llava_next}
+def llava_onevision():
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    tok = tokenizer(["<image>", "<video>"], chat_template("<image>", "<s>"), image_token="<image>", video_token="<video>")
+    config = LlavaOnevisionConfig(
+        text_config={"model_type": "qwen2", **text_config(tok)},
+        vision_config={"model_type": "siglip_vision_model", **V, "image_size": 16, "patch_size": 4},
+        image_grid_pinpoints=[[16, 16], [32, 32]], image_token_id=ids(tok, "<image>")[0],
+        video_token_id=ids(tok, "<video>")[0], vision_feature_layer=-1, vision_feature_select_strategy="full",
+        tie_word_embeddings=False)
+    ip = LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16}, image_grid_pinpoints=config.image_grid_pinpoints)
+    settings = dict(processor_class="LlavaOnevisionProcessor", num_image_tokens=16, vision_feature_select_strategy="full",
+                    image_token="<image>", video_token="<video>", vision_aspect_ratio="anyres_max_9")
+    return LlavaOnevisionForConditionalGeneration(config), [tok, ip, settings]
+
+
+def mistral3():
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    tok = tokenizer(["[IMG]", "[IMG_BREAK]", "[IMG_END]"], chat_template("[IMG]", "<s>"), image_token="[IMG]")
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", **text_config(tok), "head_dim": 8},
+        vision_config={"model_type": "pixtral", **V, "image_size": 32, "patch_size": 4, "head_dim": 8},
+        spatial_merge_size=2, image_token_id=ids(tok, "[IMG]")[0], vision_feature_layer=-1, tie_word_embeddings=False)
+    ip = PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size=8)
+    settings = dict(processor_class="PixtralProcessor", patch_size=4, spatial_merge_size=2, image_token="[IMG]",
+                    image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]")
+    return Mistral3ForConditionalGeneration(config), [tok, ip, settings]
+
+
+FAMILIES = {"llava_next": llava_next, "llava_onevision": llava_onevision, "mistral3": mistral3}
 
 
 def build(family: str, out: Path, dtype=None, shard: str | None = None, seed: int = 0) -> Path:

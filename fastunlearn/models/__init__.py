@@ -147,9 +147,10 @@ class Adapter:
 def all_adapters() -> list[Adapter]:
     from .llava import LlavaAdapter
     from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
+    from .mistral3 import Mistral3Adapter
     from .qwen2_vl import Qwen2VLAdapter
 
-    return [LlavaAdapter(), Qwen2VLAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter()]
+    return [LlavaAdapter(), Qwen2VLAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter(), Mistral3Adapter()]
 
 
 def adapter_for(model_type: str | None) -> Adapter:

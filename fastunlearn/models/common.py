@@ -54,6 +54,7 @@ class ProcessorAdapter(Adapter):
     """A family whose processor class `processor_class` expands `processor.image_token`."""
 
     processor_class: str = ""
+    processor_module: str = ""  # transformers.models.<this>.processing_<this> holds processor_class
     projector_attr: str = "multi_modal_projector"  # the connector module in `model.model`
     projector_prefix = "multi_modal_projector."
     answer_separator = None  # by the prompt's end
@@ -62,11 +63,10 @@ class ProcessorAdapter(Adapter):
 
     # -- loading
     def load_processor(self, ckpt):
-        """The checkpoint's processor; when its class also wants a video processor (torchvision is not
-        needed for pictures), it is built from the checkpoint's tokenizer, image processor, processor
-        settings and chat template without one."""
-        import transformers
-        from transformers import AutoImageProcessor, AutoTokenizer
+        """The checkpoint's processor (AutoProcessor). When that cannot be built here (its class also
+        wants a video processor, which needs torchvision), the family's processor class is built from
+        the checkpoint's tokenizer, image processor, processor settings and chat template without one."""
+        from transformers import AutoProcessor
 
         ckpt = Path(ckpt)
         if not any((ckpt / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -76,9 +76,22 @@ class ProcessorAdapter(Adapter):
             raise UserError(f"{ckpt}: no preprocessor_config.json (nor an image_processor entry in processor_config.json); "
                             "copy the image processor files into the checkpoint")
         try:
+            processor = AutoProcessor.from_pretrained(ckpt, trust_remote_code=False)
+            if hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
+                return processor
+        except Exception:  # noqa: BLE001 - any failure: build it from its parts below
+            pass
+        return self.processor_from_parts(ckpt, settings)
+
+    def processor_from_parts(self, ckpt: Path, settings: dict):
+        import importlib
+
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        try:
             tokenizer = AutoTokenizer.from_pretrained(ckpt)
             image_processor = AutoImageProcessor.from_pretrained(ckpt)
-        except (OSError, ValueError, ImportError) as e:
+        except Exception as e:  # noqa: BLE001 - transformers raises many types for unreadable files
             raise UserError(f"{ckpt}: cannot load the tokenizer or image processor ({str(e).splitlines()[0][:200]})") from None
         kwargs = {k: v for k, v in settings.items()
                   if k not in ("processor_class", "image_processor", "video_processor", "tokenizer", "auto_map")
@@ -90,13 +103,21 @@ class ProcessorAdapter(Adapter):
             kwargs["chat_template"] = read_json(ckpt / "chat_template.json")["chat_template"]
         elif getattr(tokenizer, "chat_template", None):
             kwargs["chat_template"] = tokenizer.chat_template
-        cls = getattr(transformers, self.processor_class)
+        return self.build_processor(tokenizer, image_processor, kwargs)
+
+    def build_processor(self, tokenizer, image_processor, kwargs: dict):
+        """The family's processor class, sub-processor type checks off and no video processor."""
+        import importlib
+
+        module = importlib.import_module(f"transformers.models.{self.processor_module}.processing_{self.processor_module}")
+        cls = getattr(module, self.processor_class)
+        bare = type(cls.__name__, (cls,), {"check_argument_for_proper_class": lambda self, name, arg: None})
         if self.needs_video_processor:
             kwargs["video_processor"] = None
         try:
-            return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+            return bare(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
         except (TypeError, ValueError, AttributeError) as e:
-            raise UserError(f"{ckpt}: cannot build its {self.processor_class} ({str(e).splitlines()[0][:200]})") from None
+            raise UserError(f"cannot build the checkpoint's {self.processor_class} ({str(e).splitlines()[0][:200]})") from None
 
     def projector_module(self, model):
         return getattr(model.model, self.projector_attr)

@@ -16,6 +16,7 @@ class LlavaNextAdapter(ProcessorAdapter):
     family = "llava_next"
     model_types = ("llava_next",)
     processor_class = "LlavaNextProcessor"
+    processor_module = "llava_next"
     projector_prefix = ""
     feature_keys = ("pixel_values", "image_sizes")
 
@@ -34,11 +35,13 @@ class LlavaNextAdapter(ProcessorAdapter):
         return packed[0]
 
     def project_one(self, model, module, params, features, grid):
-        vision = model.config.vision_config
-        per_tile = (vision.image_size // vision.patch_size) ** 2
-        if model.config.vision_feature_select_strategy != "default":
-            per_tile += 1
-        tiles = call(module.multi_modal_projector, params, "multi_modal_projector.", features.view(-1, per_tile, features.shape[-1]))
+        import importlib
+
+        family = importlib.import_module(type(model.model).__module__)
+        n_tiles = family.image_size_to_num_patches(grid["image_sizes"][0], model.config.image_grid_pinpoints,
+                                                   model.config.vision_config.image_size)
+        tiles = call(module.multi_modal_projector, params, "multi_modal_projector.",
+                     features.view(n_tiles, -1, features.shape[-1]))
         return self.pack(model, tiles, grid, params["image_newline"])
 
 
@@ -46,6 +49,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     model_types = ("llava_onevision",)
     processor_class = "LlavaOnevisionProcessor"
+    processor_module = "llava_onevision"
     needs_video_processor = True
 
     def pixel_inputs(self, processor, image):

@@ -1,0 +1,136 @@
+"""Every supported image-text-to-text family end to end, on tiny checkpoints of the real transformers
+classes (random weights, built offline once per session): `apply` through the CLI changes only the
+connector's tensors (every other tensor byte-identical), the forget NLL rises, and `verify` agrees.
+The adapter's forward (cached features -> connector -> the family's own multimodal forward) equals
+the model's own forward on the pixels."""
+import json
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import tiny_families as tf
+from fastunlearn import checkpoint as ck
+from fastunlearn import world
+from fastunlearn.cli import main
+from fastunlearn.data import Item
+from fastunlearn.unlearn import _pixels, answer_hidden, cache_samples, make_batches, master_params, open_checkpoint
+
+# family -> stored connector tensors (legacy layout names; the "model." layout prefixes them with "model.")
+CONNECTOR = {
+    "llava_next": r"(multi_modal_projector\.linear_[12]\.(weight|bias)|image_newline)",
+    "llava_onevision": r"(multi_modal_projector\.linear_[12]\.(weight|bias)|image_newline)",
+    "mistral3": r"multi_modal_projector\.(norm\.weight|patch_merger\.merging_layer\.weight|linear_[12]\.weight)",
+}
+FAMILIES = list(CONNECTOR)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny(family, dtype=None, shard=None, layout="saved") -> a pristine checkpoint folder, built once.
+    layout "model": every stored tensor renamed to its in-memory name (the `model.*` Hub layout)."""
+    built = {}
+
+    def make(family, dtype=None, shard=None, layout="saved"):
+        key = (family, dtype, shard, layout)
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"{family}-{str(dtype)[6:]}-{shard}-{layout}")
+            tf.build(family, out, dtype, shard)
+            if layout == "model":
+                to_model_layout(out)
+            built[key] = out
+        return built[key]
+
+    return make
+
+
+def to_model_layout(folder):
+    """Rewrite a single-file checkpoint with the in-memory (`model.*`) tensor names."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        stored_dtype = f.get_tensor(next(iter(f.keys()))).dtype
+    save_file({k: v.to(stored_dtype) for k, v in state.items() if k != "lm_head.weight" or True},
+              folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families-world")
+    world.write_folder(root / "forget", (1, 4), 2, seed=11)
+    world.write_folder(root / "retain", (0, 2), 2, seed=12)
+    return root
+
+
+def tensors(folder):
+    out = {}
+    for path in ck.weight_files(folder):
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                out[name] = f.get_tensor(name)
+    return out
+
+
+def run_apply(src, data, out, *extra):
+    args = ["apply", str(src), str(data / "forget"), "--retain", str(data / "retain"), "--out", str(out),
+            "--steps", "3", "--views", "0", *extra]
+    assert main(args) == 0
+    return json.loads((out / "unlearning_report.json").read_text())
+
+
+def check_only_connector_changed(family, src, out, report):
+    pattern = re.compile(r"(model\.)?" + CONNECTOR[family])
+    before, after = tensors(src), tensors(out)
+    assert before.keys() == after.keys()
+    changed = {n for n in before if not torch.equal(before[n].view(torch.uint8) if before[n].dtype == torch.bool
+                                                    else before[n], after[n])}
+    assert changed, "nothing changed"
+    assert all(pattern.fullmatch(n) for n in changed), sorted(changed)
+    assert changed == {c["name"] for c in report["changed_tensors"]}
+    assert report["byte_proof"]["all_other_bytes_unchanged"] is True
+    for f in ck.weight_files(src):  # headers (and __metadata__) identical, file sizes identical
+        assert ck.read_header(f).length == ck.read_header(out / f.name).length
+        assert f.stat().st_size == (out / f.name).stat().st_size
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_apply_changes_only_the_connector_and_verify_agrees(family, tiny, data, tmp_path):
+    src = tiny(family)
+    report = run_apply(src, data, tmp_path / "out")
+    check_only_connector_changed(family, src, tmp_path / "out", report)
+    m = report["metrics"]["forget"]
+    assert m["after"]["mean_token_nll"] > m["before"]["mean_token_nll"]
+
+    verified = tmp_path / "verify.json"
+    assert main(["verify", str(src), str(tmp_path / "out"), str(data / "forget"), "--retain", str(data / "retain"),
+                 "--report", str(verified), "--no-probes"]) == 0
+    result = json.loads(verified.read_text())
+    changed = result["bytes"]["changed_tensors"]
+    assert changed and all(c["projector"] for c in changed)
+    assert {c["name"] for c in changed} == {c["name"] for c in report["changed_tensors"]}
+    assert result["metrics"]["forget"]["after"]["mean_token_nll"] == pytest.approx(m["after"]["mean_token_nll"], rel=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_on_cached_features_equals_the_models_forward(family, tiny, data):
+    """answer_hidden (cached features, the connector as a function of the job's parameters) gives the
+    hidden states of the model's own forward on the pixels."""
+    loaded = open_checkpoint(tiny(family), torch.device("cpu"))
+    pictures = sorted((data / "forget").rglob("*.png"))[:2]
+    items = [Item(pictures[0], world.VISUAL_QUESTION, "Bruno Tanaka", "b"),
+             Item(None, "Where does Bruno Tanaka live?", "Osaka", "b"),
+             Item(pictures[1], "Describe this image.", "A face", "b")]
+    samples = cache_samples(loaded, items, "check")
+    batch = make_batches(loaded, samples, len(samples))[0]
+    hidden = answer_hidden(loaded, master_params(loaded), batch)
+    for i, (sample, item) in enumerate(zip(samples, items)):
+        pixel = _pixels(loaded, item.image) if item.image is not None else None
+        inputs = loaded.adapter.generate_inputs(loaded.model, sample.input_ids, pixel)
+        with torch.no_grad():
+            ref = loaded.model.model(**inputs, use_cache=False).last_hidden_state[0]
+        expected = ref[sample.answer_start - 1 : len(sample.input_ids) - 1]
+        torch.testing.assert_close(hidden[batch.answer_seq == i], expected, atol=1e-5, rtol=1e-4)
