@@ -379,7 +379,7 @@ def _batch(loaded: Loaded, samples: list[Sample]) -> Batch:
         features=features_in,
         feature_sizes=[f.shape[0] for f in features],
         grids=[s.grid for s in samples if s.features is not None],
-        model_inputs=loaded.adapter.model_inputs(model, input_ids, attention_mask, grids),
+        model_inputs=loaded.adapter.model_inputs(model, input_ids, attention_mask, grids, [s.answer_start for s in samples]),
         answer_rows=torch.cat(rows).to(device),
         targets=torch.cat(targets).to(device),
         answer_seq=seq.to(device),

@@ -23,6 +23,11 @@ CONNECTOR = {
     "llava_next": r"(multi_modal_projector\.linear_[12]\.(weight|bias)|image_newline)",
     "llava_onevision": r"(multi_modal_projector\.linear_[12]\.(weight|bias)|image_newline)",
     "mistral3": r"multi_modal_projector\.(norm\.weight|patch_merger\.merging_layer\.weight|linear_[12]\.weight)",
+    "internvl": r"multi_modal_projector\.(layer_norm|linear_[12])\.(weight|bias)",
+    "paligemma": r"multi_modal_projector\.linear\.(weight|bias)",
+    "gemma3": r"multi_modal_projector\.(mm_input_projection_weight|mm_soft_emb_norm\.weight)",
+    "idefics3": r"connector\.modality_projection\.proj\.weight",
+    "smolvlm": r"connector\.modality_projection\.proj\.weight",
 }
 FAMILIES = list(CONNECTOR)
 
@@ -130,6 +135,8 @@ def test_forward_on_cached_features_equals_the_models_forward(family, tiny, data
     for i, (sample, item) in enumerate(zip(samples, items)):
         pixel = _pixels(loaded, item.image) if item.image is not None else None
         inputs = loaded.adapter.generate_inputs(loaded.model, sample.input_ids, pixel)
+        if family == "paligemma":  # the processor's suffix: the answer attends causally, the prefix both ways
+            inputs["token_type_ids"][0, sample.answer_start:] = 1
         with torch.no_grad():
             ref = loaded.model.model(**inputs, use_cache=False).last_hidden_state[0]
         expected = ref[sample.answer_start - 1 : len(sample.input_ids) - 1]

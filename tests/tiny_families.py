@@ -137,7 +137,91 @@ def mistral3():
     return Mistral3ForConditionalGeneration(config), [tok, ip, settings]
 
 
-FAMILIES = {"llava_next": llava_next, "llava_onevision": llava_onevision, "mistral3": mistral3}
+def internvl():
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    tok = tokenizer(["<img>", "</img>", "<IMG_CONTEXT>", "<video>"], chat_template("<IMG_CONTEXT>", "<s>"),
+                    start_image_token="<img>", end_image_token="</img>", context_image_token="<IMG_CONTEXT>",
+                    video_token="<video>")
+    config = InternVLConfig(
+        text_config={"model_type": "qwen2", **text_config(tok)},
+        vision_config={"model_type": "internvl_vision", **V, "image_size": [8, 8], "patch_size": [2, 2]},
+        downsample_ratio=0.5, image_seq_length=4, image_token_id=ids(tok, "<IMG_CONTEXT>")[0],
+        vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False)
+    ip = GotOcr2ImageProcessorPil(size={"height": 8, "width": 8}, crop_to_patches=True, min_patches=1, max_patches=2)
+    return InternVLForConditionalGeneration(config), [tok, ip, dict(processor_class="InternVLProcessor", image_seq_length=4)]
+
+
+def paligemma():
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tok = tokenizer(["<image>"], None, image_token="<image>")
+    ip = SiglipImageProcessorPil(size={"height": 8, "width": 8})
+    ip.image_seq_length = 16
+    processor = PaliGemmaProcessor(image_processor=ip, tokenizer=tok)  # adds PaliGemma's <loc>/<seg> tokens
+    config = PaliGemmaConfig(
+        text_config={"model_type": "gemma", **text_config(tok), "head_dim": 8},
+        vision_config={"model_type": "siglip_vision_model", **V, "image_size": 8, "patch_size": 2, "projection_dim": 32},
+        projection_dim=32, image_token_index=ids(tok, "<image>")[0], tie_word_embeddings=False)
+    return PaliGemmaForConditionalGeneration(config), [processor]
+
+
+def gemma3():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    tok = tokenizer(["<start_of_image>", "<end_of_image>", "<image_soft_token>"], chat_template("<start_of_image>", "<s>"),
+                    boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>")
+    boi, eoi, image = ids(tok, "<start_of_image>", "<end_of_image>", "<image_soft_token>")
+    config = Gemma3Config(
+        text_config={"model_type": "gemma3_text", **text_config(tok), "head_dim": 8, "sliding_window": 16},
+        vision_config={"model_type": "siglip_vision_model", **V, "image_size": 8, "patch_size": 2},
+        mm_tokens_per_image=4, boi_token_index=boi, eoi_token_index=eoi, image_token_index=image, tie_word_embeddings=False)
+    ip = Gemma3ImageProcessorPil(size={"height": 8, "width": 8})
+    processor = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=tok.chat_template)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # initialised to zeros: pictures would not reach the LLM at all
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.5)
+    return model, [processor]
+
+
+ROW_COL = [f"<row_{i}_col_{j}>" for i in (1, 2) for j in (1, 2)]
+
+
+def idefics3():
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tok = tokenizer(["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>", *ROW_COL],
+                    chat_template("<image>", "<s>"))
+    config = Idefics3Config(
+        text_config={"model_type": "llama", **text_config(tok)},
+        vision_config={**V, "image_size": 8, "patch_size": 2}, scale_factor=2, image_token_id=ids(tok, "<image>")[0],
+        tie_word_embeddings=False)
+    ip = Idefics3ImageProcessorPil(size={"longest_edge": 16}, max_image_size={"longest_edge": 8})
+    processor = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=tok.chat_template)
+    return Idefics3ForConditionalGeneration(config), [processor]
+
+
+def smolvlm():
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    tok = tokenizer(["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>", *ROW_COL],
+                    chat_template("<image>", "<s>"), fake_image_token="<fake_token_around_image>", image_token="<image>",
+                    global_image_token="<global-img>")
+    config = SmolVLMConfig(
+        text_config={"model_type": "llama", **text_config(tok)},
+        vision_config={**V, "image_size": 8, "patch_size": 2}, scale_factor=2, image_token_id=ids(tok, "<image>")[0],
+        tie_word_embeddings=False)
+    ip = SmolVLMImageProcessorPil(size={"longest_edge": 16}, max_image_size={"longest_edge": 8})
+    return SmolVLMForConditionalGeneration(config), [tok, ip, dict(processor_class="SmolVLMProcessor", image_seq_len=4)]
+
+
+FAMILIES = {"llava_next": llava_next, "llava_onevision": llava_onevision, "mistral3": mistral3, "internvl": internvl,
+            "paligemma": paligemma, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm}
 
 
 def build(family: str, out: Path, dtype=None, shard: str | None = None, seed: int = 0) -> Path:

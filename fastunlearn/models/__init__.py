@@ -130,9 +130,10 @@ class Adapter:
         projected = self.project_images(model, params, features, grids)
         return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=projected)}}
 
-    def model_inputs(self, model, input_ids, attention_mask, grids: list[dict | None]) -> dict:
-        """Extra keyword arguments of the forward for a padded batch (`grids`: per sequence, None
-        without a picture), computed once per batch: position ids, token types, image layout."""
+    def model_inputs(self, model, input_ids, attention_mask, grids: list[dict | None], answer_starts: list[int]) -> dict:
+        """Extra keyword arguments of the forward for a right-padded batch (`grids`: per sequence, None
+        without a picture; `answer_starts`: where each answer begins), computed once per batch:
+        position ids, token types, image layout."""
         positions = self.position_ids(model, input_ids, attention_mask, grids)
         return {} if positions is None else {"position_ids": positions}
 
@@ -147,10 +148,15 @@ class Adapter:
 def all_adapters() -> list[Adapter]:
     from .llava import LlavaAdapter
     from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
+    from .gemma3 import Gemma3Adapter
+    from .idefics3 import Idefics3Adapter, SmolVLMAdapter
+    from .internvl import InternVLAdapter
     from .mistral3 import Mistral3Adapter
+    from .paligemma import PaliGemmaAdapter
     from .qwen2_vl import Qwen2VLAdapter
 
-    return [LlavaAdapter(), Qwen2VLAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter(), Mistral3Adapter()]
+    return [LlavaAdapter(), Qwen2VLAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter(), Mistral3Adapter(),
+            InternVLAdapter(), PaliGemmaAdapter(), Gemma3Adapter(), Idefics3Adapter(), SmolVLMAdapter()]
 
 
 def adapter_for(model_type: str | None) -> Adapter:

@@ -126,6 +126,15 @@ class ProcessorAdapter(Adapter):
         """The module whose input is the connector's input (captured by `vision_features`)."""
         return getattr(model.model, self.projector_attr)
 
+    pooler_output_tensor = False  # the family's forward takes the connector output as one tensor, not a list
+
+    def connector_inputs(self, model, params, features, grids):
+        out = super().connector_inputs(model, params, features, grids)
+        if self.pooler_output_tensor:
+            image = out["mm_encoder_outputs"]["image"]
+            image.pooler_output = torch.cat(image.pooler_output)
+        return out
+
     # -- text
     def placeholder(self, processor, model_config):
         return processor.image_token
@@ -173,5 +182,5 @@ class ProcessorAdapter(Adapter):
     def generate_inputs(self, model, input_ids, pixel):
         inputs = {"input_ids": input_ids[None], "attention_mask": torch.ones_like(input_ids)[None]}
         if pixel is not None:
-            inputs.update({k: to_device(v, model) for k, v in pixel.items() if isinstance(v, torch.Tensor)})
+            inputs.update(self.feature_inputs(model, pixel))
         return inputs
