@@ -28,6 +28,8 @@ CONNECTOR = {
     "gemma3": r"multi_modal_projector\.(mm_input_projection_weight|mm_soft_emb_norm\.weight)",
     "idefics3": r"connector\.modality_projection\.proj\.weight",
     "smolvlm": r"connector\.modality_projection\.proj\.weight",
+    "qwen2_5_vl": r"visual\.merger\.(ln_q\.weight|mlp\.[02]\.(weight|bias))",
+    "qwen3_vl": r"visual\.(merger|deepstack_merger_list\.[01])\.(norm|linear_fc[12])\.(weight|bias)",
 }
 FAMILIES = list(CONNECTOR)
 

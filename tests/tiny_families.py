@@ -220,7 +220,40 @@ def smolvlm():
     return SmolVLMForConditionalGeneration(config), [tok, ip, dict(processor_class="SmolVLMProcessor", image_seq_len=4)]
 
 
-FAMILIES = {"llava_next": llava_next, "llava_onevision": llava_onevision, "mistral3": mistral3, "internvl": internvl,
+def _qwen(family, config_cls, model_cls, vision, text, size, patch):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = world.build_tokenizer("qwen2_vl")
+    specials = {k: tok.convert_tokens_to_ids(v) for k, v in world.QWEN_SPECIALS.items()}
+    config = config_cls(
+        text_config={**text_config(tok), "bos_token_id": specials["im_start"], **text},
+        vision_config={"depth": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 37, "patch_size": patch,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 32, **vision},
+        image_token_id=specials["image"], video_token_id=specials["video"], vision_start_token_id=specials["vision_start"],
+        vision_end_token_id=specials["vision_end"], tie_word_embeddings=False)
+    ip = Qwen2VLImageProcessorPil(size={"shortest_edge": size * size, "longest_edge": size * size}, patch_size=patch,
+                                  merge_size=2, temporal_patch_size=2)
+    return model_cls(config), [tok, ip]
+
+
+def qwen2_5_vl():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    return _qwen("qwen2_5_vl", Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                 {"window_size": 56, "fullatt_block_indexes": [1]},
+                 {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4}}, 112, 14)
+
+
+def qwen3_vl():
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    return _qwen("qwen3_vl", Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                 {"num_position_embeddings": 16, "deepstack_visual_indexes": [0, 1]},
+                 {"head_dim": 8, "num_hidden_layers": 3, "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1],
+                                                     "mrope_interleaved": True, "rope_theta": 1e4}}, 64, 16)
+
+
+FAMILIES = {"qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava_next": llava_next, "llava_onevision": llava_onevision, "mistral3": mistral3, "internvl": internvl,
             "paligemma": paligemma, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm}
 
 

@@ -154,9 +154,11 @@ def all_adapters() -> list[Adapter]:
     from .mistral3 import Mistral3Adapter
     from .paligemma import PaliGemmaAdapter
     from .qwen2_vl import Qwen2VLAdapter
+    from .qwen_vl import Qwen3VLAdapter, Qwen25VLAdapter
 
     return [LlavaAdapter(), Qwen2VLAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter(), Mistral3Adapter(),
-            InternVLAdapter(), PaliGemmaAdapter(), Gemma3Adapter(), Idefics3Adapter(), SmolVLMAdapter()]
+            InternVLAdapter(), PaliGemmaAdapter(), Gemma3Adapter(), Idefics3Adapter(), SmolVLMAdapter(), Qwen25VLAdapter(),
+            Qwen3VLAdapter()]
 
 
 def adapter_for(model_type: str | None) -> Adapter:
