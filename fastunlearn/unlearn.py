@@ -335,10 +335,7 @@ def cache_samples(loaded: Loaded, items: list[Item], desc: str, views: int = 0, 
 
 def drop_vision_tower(loaded: Loaded) -> None:
     """Features are cached: free the vision tower (and pixels) for the rest of the job."""
-    inner = loaded.model.model
-    for attr in ("vision_tower", "visual", "vision_model"):
-        if getattr(inner, attr, None) is not None:
-            setattr(inner, attr, None)
+    loaded.adapter.drop_vision_tower(loaded.model)
     loaded.pixel_cache.clear()
     if loaded.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -401,7 +398,7 @@ def answer_hidden(loaded: Loaded, params: dict[str, torch.Tensor], batch: Batch)
     inputs = dict(batch.model_inputs)
     if batch.features is not None:
         features = list(batch.features.to(torch.float32).split(batch.feature_sizes))
-        inputs.update(loaded.adapter.connector_inputs(model, params, features, batch.grids))
+        inputs.update(loaded.adapter.connector_inputs(model, params, features, batch.grids, batch.model_inputs))
         image = inputs.get("mm_encoder_outputs", {}).get("image")
         if image is not None:
             parts = image.pooler_output if isinstance(image.pooler_output, (list, tuple)) else [image.pooler_output]

@@ -29,6 +29,7 @@ CONNECTOR = {
     "idefics3": r"connector\.modality_projection\.proj\.weight",
     "smolvlm": r"connector\.modality_projection\.proj\.weight",
     "qwen2_5_vl": r"visual\.merger\.(ln_q\.weight|mlp\.[02]\.(weight|bias))",
+    "mllama": r"multi_modal_projector\.(weight|bias)",
     "qwen3_vl": r"visual\.(merger|deepstack_merger_list\.[01])\.(norm|linear_fc[12])\.(weight|bias)",
 }
 FAMILIES = list(CONNECTOR)

@@ -253,7 +253,31 @@ def qwen3_vl():
                                                      "mrope_interleaved": True, "rope_theta": 1e4}}, 64, 16)
 
 
-FAMILIES = {"qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava_next": llava_next, "llava_onevision": llava_onevision, "mistral3": mistral3, "internvl": internvl,
+def mllama():
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    tok = tokenizer(["<|image|>", "<|python_tag|>"], chat_template("<|image|>", "<s>"))
+    config = MllamaConfig(
+        text_config={**text_config(tok), "num_hidden_layers": 3, "cross_attention_layers": [1], "rope_parameters": {
+            "rope_type": "default", "rope_theta": 1e4}},
+        vision_config={"hidden_size": 16, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
+                       "num_global_layers": 1, "image_size": 16, "patch_size": 4, "intermediate_layers_indices": [0],
+                       "max_num_tiles": 4,
+                       "vision_output_dim": 32},
+        image_token_index=ids(tok, "<|image|>")[0], tie_word_embeddings=False)
+    ip = MllamaImageProcessorPil(size={"height": 16, "width": 16}, max_image_tiles=4)
+    processor = MllamaProcessor(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
+    model = MllamaForConditionalGeneration(config)
+    with torch.no_grad():  # tanh gates initialised to zero would shut the cross-attention off
+        for layer in model.model.language_model.layers:
+            for name in ("cross_attn_attn_gate", "cross_attn_mlp_gate"):
+                if hasattr(layer, name):
+                    getattr(layer, name).fill_(1.0)
+    return model, [processor]
+
+
+FAMILIES = {"mllama": mllama, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava_next": llava_next, "llava_onevision": llava_onevision, "mistral3": mistral3, "internvl": internvl,
             "paligemma": paligemma, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm}
 
 

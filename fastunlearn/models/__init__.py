@@ -120,11 +120,17 @@ class Adapter:
         """Projected tokens of each picture of a batch, [tokens, hidden] each, in sequence order."""
         return [self.project(params, f, g) for f, g in zip(features, grids)]
 
+    def drop_vision_tower(self, model) -> None:
+        """Free the vision model once the features are cached (the connector stays usable)."""
+        for attr in ("vision_tower", "visual", "vision_model"):
+            if getattr(model.model, attr, None) is not None:
+                setattr(model.model, attr, None)
+
     def connector_inputs(self, model, params: dict[str, torch.Tensor], features: list[torch.Tensor],
-                         grids: list[dict]) -> dict:
+                         grids: list[dict], inputs: dict | None = None) -> dict:
         """Keyword arguments that bring the projected pictures into the model's forward. Default: the
         precomputed connector outputs (transformers' `mm_encoder_outputs`), which the family's forward
-        scatters into the image placeholders itself."""
+        scatters into the image placeholders itself. `inputs`: the batch's `model_inputs`."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         projected = self.project_images(model, params, features, grids)
@@ -152,13 +158,14 @@ def all_adapters() -> list[Adapter]:
     from .idefics3 import Idefics3Adapter, SmolVLMAdapter
     from .internvl import InternVLAdapter
     from .mistral3 import Mistral3Adapter
+    from .mllama import MllamaAdapter
     from .paligemma import PaliGemmaAdapter
     from .qwen2_vl import Qwen2VLAdapter
     from .qwen_vl import Qwen3VLAdapter, Qwen25VLAdapter
 
     return [LlavaAdapter(), Qwen2VLAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter(), Mistral3Adapter(),
             InternVLAdapter(), PaliGemmaAdapter(), Gemma3Adapter(), Idefics3Adapter(), SmolVLMAdapter(), Qwen25VLAdapter(),
-            Qwen3VLAdapter()]
+            Qwen3VLAdapter(), MllamaAdapter()]
 
 
 def adapter_for(model_type: str | None) -> Adapter:

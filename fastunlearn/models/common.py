@@ -128,8 +128,8 @@ class ProcessorAdapter(Adapter):
 
     pooler_output_tensor = False  # the family's forward takes the connector output as one tensor, not a list
 
-    def connector_inputs(self, model, params, features, grids):
-        out = super().connector_inputs(model, params, features, grids)
+    def connector_inputs(self, model, params, features, grids, inputs=None):
+        out = super().connector_inputs(model, params, features, grids, inputs)
         if self.pooler_output_tensor:
             image = out["mm_encoder_outputs"]["image"]
             image.pooler_output = torch.cat(image.pooler_output)

@@ -104,7 +104,7 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
     def project_images(self, model, params, features, grids):
         return [self.project(params, f) for f in features]
 
-    def connector_inputs(self, model, params, features, grids):
+    def connector_inputs(self, model, params, features, grids, inputs=None):
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
         parts = [self.split(f) for f in features]
