@@ -58,12 +58,11 @@ def to_model_layout(folder):
     """Rewrite a single-file checkpoint with the in-memory (`model.*`) tensor names."""
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(folder)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
     with safe_open(folder / "model.safetensors", "pt") as f:
         stored_dtype = f.get_tensor(next(iter(f.keys()))).dtype
-    save_file({k: v.to(stored_dtype) for k, v in state.items() if k != "lm_head.weight" or True},
-              folder / "model.safetensors", metadata={"format": "pt"})
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=stored_dtype)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="session")
@@ -121,6 +120,32 @@ def test_apply_changes_only_the_connector_and_verify_agrees(family, tiny, data, 
     assert changed and all(c["projector"] for c in changed)
     assert {c["name"] for c in changed} == {c["name"] for c in report["changed_tensors"]}
     assert result["metrics"]["forget"]["after"]["mean_token_nll"] == pytest.approx(m["after"]["mean_token_nll"], rel=1e-4)
+
+
+@pytest.mark.parametrize("family, dtype, shard, layout", [
+    ("mistral3", torch.bfloat16, "60KB", "saved"),
+    ("qwen3_vl", torch.bfloat16, "60KB", "saved"),
+    ("llava_next", torch.float16, None, "model"),
+    ("gemma3", torch.float32, None, "model"),
+    ("mllama", torch.bfloat16, None, "model"),
+])
+def test_other_layouts_and_dtypes(family, dtype, shard, layout, tiny, data, tmp_path):
+    """bf16/fp16, sharded, and the `model.*` Hub layout: the connector is found from the headers and
+    only its byte ranges change; in place this time."""
+    src = tiny(family, dtype, shard, layout)
+    if shard:
+        assert len(ck.weight_files(src)) > 1
+    stored = ck.read_checkpoint(src)
+    assert {info.dtype for info in stored.values()} == {ck.DTYPE_NAMES[dtype]}
+    if layout == "model":
+        assert all(name.startswith(("model.", "lm_head.")) for name in stored)
+    target = tmp_path / "ckpt"
+    __import__("shutil").copytree(src, target)
+    assert main(["apply", str(target), str(data / "forget"), "--retain", str(data / "retain"), "--steps", "3",
+                 "--views", "0"]) == 0
+    report = json.loads((target / "unlearning_report.json").read_text())
+    check_only_connector_changed(family, src, target, report)
+    assert all(c["dtype"] == ck.DTYPE_NAMES[dtype] for c in report["changed_tensors"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
