@@ -277,7 +277,23 @@ def mllama():
     return model, [processor]
 
 
-FAMILIES = {"mllama": mllama, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava_next": llava_next, "llava_onevision": llava_onevision, "mistral3": mistral3, "internvl": internvl,
+def idefics2():
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor
+    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+
+    tok = tokenizer(["<fake_token_around_image>", "<image>", "<end_of_utterance>"], chat_template("<image>", "<s>"))
+    config = Idefics2Config(
+        text_config={"model_type": "mistral", **text_config(tok), "head_dim": 8},
+        vision_config={**V, "image_size": 8, "patch_size": 2},
+        perceiver_config={"hidden_size": 32, "resampler_n_latents": 4, "resampler_depth": 2, "resampler_n_heads": 2,
+                          "resampler_head_dim": 8, "num_key_value_heads": 1},
+        image_token_id=ids(tok, "<image>")[0], tie_word_embeddings=False)
+    ip = Idefics2ImageProcessorPil(size={"shortest_edge": 8, "longest_edge": 8}, do_image_splitting=True)
+    processor = Idefics2Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=tok.chat_template)
+    return Idefics2ForConditionalGeneration(config), [processor]
+
+
+FAMILIES = {"idefics2": idefics2, "mllama": mllama, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava_next": llava_next, "llava_onevision": llava_onevision, "mistral3": mistral3, "internvl": internvl,
             "paligemma": paligemma, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm}
 
 

@@ -67,6 +67,10 @@ class Adapter:
         """What the placeholder expands to for this picture."""
         return self.placeholder(processor, model_config) * self.n_image_tokens(processor, model_config, pixel)
 
+    def expand_prompt(self, processor, model_config, prompt: str, pixel: dict) -> str:
+        """The prompt with its one image placeholder expanded."""
+        return prompt.replace(self.placeholder(processor, model_config), self.image_text(processor, model_config, pixel))
+
     def encode(self, processor, model_config, pixel: dict | None, question: str, answer: str | None) -> Encoded:
         """Token ids of prompt (+ answer), image placeholders expanded, answer token-aligned."""
         tokenizer = processor.tokenizer
@@ -78,7 +82,7 @@ class Adapter:
             placeholder = self.placeholder(processor, model_config)
             if prompt.count(placeholder) != 1:
                 raise UserError(f"the prompt template must hold the image placeholder {placeholder!r} once")
-            prompt = prompt.replace(placeholder, self.image_text(processor, model_config, pixel))
+            prompt = self.expand_prompt(processor, model_config, prompt, pixel)
 
         def ids(text):
             return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
@@ -155,7 +159,7 @@ def all_adapters() -> list[Adapter]:
     from .llava import LlavaAdapter
     from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
     from .gemma3 import Gemma3Adapter
-    from .idefics3 import Idefics3Adapter, SmolVLMAdapter
+    from .idefics3 import Idefics2Adapter, Idefics3Adapter, SmolVLMAdapter
     from .internvl import InternVLAdapter
     from .mistral3 import Mistral3Adapter
     from .mllama import MllamaAdapter
@@ -165,7 +169,7 @@ def all_adapters() -> list[Adapter]:
 
     return [LlavaAdapter(), Qwen2VLAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter(), Mistral3Adapter(),
             InternVLAdapter(), PaliGemmaAdapter(), Gemma3Adapter(), Idefics3Adapter(), SmolVLMAdapter(), Qwen25VLAdapter(),
-            Qwen3VLAdapter(), MllamaAdapter()]
+            Qwen3VLAdapter(), MllamaAdapter(), Idefics2Adapter()]
 
 
 def adapter_for(model_type: str | None) -> Adapter:

@@ -165,9 +165,10 @@ class ProcessorAdapter(Adapter):
         if "args" not in captured:
             raise UserError("the vision tower's output never reached the connector")
         x = captured["args"][0] if captured["args"] else next(iter(captured["kwargs"].values()))
-        return self.features_of(x)
+        return self.features_of(x, captured["kwargs"])
 
-    def features_of(self, x: torch.Tensor) -> torch.Tensor:
+    def features_of(self, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The cached form of the connector's input `x` (and its other keyword inputs): [rows, features]."""
         return x.reshape(-1, x.shape[-1])
 
     def project_images(self, model, params, features, grids):

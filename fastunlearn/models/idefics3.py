@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import torch
+
 from .common import ProcessorAdapter, call
 
 
@@ -64,3 +66,39 @@ class SmolVLMAdapter(Idefics3Adapter):
                            fake_image_token=getattr(tokenizer, "fake_image_token", "<fake_token_around_image>"),
                            image_token=getattr(tokenizer, "image_token", "<image>"),
                            global_image_token=getattr(tokenizer, "global_image_token", "<global-img>"))
+
+
+class Idefics2Adapter(Idefics3Adapter):
+    """Idefics2 (model_type "idefics2"): the connector is a SwiGLU modality projection followed by a
+    Perceiver resampler (latents, attention layers, norm): `model.connector.modality_projection.*` and
+    `model.connector.perceiver_resampler.*`, all of it trainable. The resampler needs the patch
+    attention mask of each sub-image, cached beside the features as one extra column."""
+
+    family = "idefics2"
+    model_types = ("idefics2",)
+    processor_class = "Idefics2Processor"
+    processor_module = "idefics2"
+
+    def pixel_inputs(self, processor, image):
+        return dict(processor.image_processor(images=[[image]], return_tensors="pt"))
+
+    def expand_prompt(self, processor, model_config, prompt, pixel):
+        """As Idefics2Processor.__call__ writes it (the processor has no replace_image_token)."""
+        import re
+
+        fake, image = processor.fake_image_token, processor.image_token
+        image_str = f"{fake}{image * processor.image_seq_len}{fake}"
+        if processor.image_processor.do_image_splitting:
+            image_str = image_str * 5
+        prompt = prompt.replace(image, image_str).replace(f"{fake}{fake}", fake)
+        return re.sub(rf"{re.escape(fake)}(?=[^\s<])", f"{fake} ", prompt)
+
+    def features_of(self, x, kwargs):
+        mask = kwargs["attention_mask"].reshape(-1, 1).to(x.dtype)
+        return torch.cat([x.reshape(-1, x.shape[-1]), mask], dim=-1)
+
+    def project_one(self, model, module, params, features, grid):
+        vision = model.config.vision_config
+        sub_images = features.view(-1, (vision.image_size // vision.patch_size) ** 2, features.shape[-1])
+        out = call(module, params, "", sub_images[..., :-1], attention_mask=sub_images[..., -1].bool())
+        return out.reshape(-1, out.shape[-1])
