@@ -293,7 +293,24 @@ def idefics2():
     return Idefics2ForConditionalGeneration(config), [processor]
 
 
-FAMILIES = {"idefics2": idefics2, "mllama": mllama, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava_next": llava_next, "llava_onevision": llava_onevision, "mistral3": mistral3, "internvl": internvl,
+def aya_vision():
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    marks = ["<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE", "TILE_GLOBAL"]
+    tok = tokenizer(["<image>", *marks], chat_template("<image>", "<s>"))
+    config = AyaVisionConfig(
+        text_config={"model_type": "llama", **text_config(tok)},
+        vision_config={"model_type": "siglip_vision_model", **V, "image_size": 8, "patch_size": 2},
+        downsample_factor=2, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        image_token_id=ids(tok, "<|IMG_PATCH|>")[0], tie_word_embeddings=False)
+    ip = GotOcr2ImageProcessorPil(size={"height": 8, "width": 8}, crop_to_patches=True, min_patches=1, max_patches=2)
+    processor = AyaVisionProcessor(image_processor=ip, tokenizer=tok, patch_size=2, img_size=8, downsample_factor=2,
+                                   chat_template=tok.chat_template)
+    return AyaVisionForConditionalGeneration(config), [processor]
+
+
+FAMILIES = {"aya_vision": aya_vision, "idefics2": idefics2, "mllama": mllama, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava_next": llava_next, "llava_onevision": llava_onevision, "mistral3": mistral3, "internvl": internvl,
             "paligemma": paligemma, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm}
 
 

@@ -158,6 +158,7 @@ class Adapter:
 def all_adapters() -> list[Adapter]:
     from .llava import LlavaAdapter
     from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
+    from .aya_vision import AyaVisionAdapter
     from .gemma3 import Gemma3Adapter
     from .idefics3 import Idefics2Adapter, Idefics3Adapter, SmolVLMAdapter
     from .internvl import InternVLAdapter
@@ -169,7 +170,7 @@ def all_adapters() -> list[Adapter]:
 
     return [LlavaAdapter(), Qwen2VLAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter(), Mistral3Adapter(),
             InternVLAdapter(), PaliGemmaAdapter(), Gemma3Adapter(), Idefics3Adapter(), SmolVLMAdapter(), Qwen25VLAdapter(),
-            Qwen3VLAdapter(), MllamaAdapter(), Idefics2Adapter()]
+            Qwen3VLAdapter(), MllamaAdapter(), Idefics2Adapter(), AyaVisionAdapter()]
 
 
 def adapter_for(model_type: str | None) -> Adapter:
