@@ -31,6 +31,7 @@ CONNECTOR = {
     "qwen2_5_vl": r"visual\.merger\.(ln_q\.weight|mlp\.[02]\.(weight|bias))",
     "mllama": r"multi_modal_projector\.(weight|bias)",
     "aya_vision": r"multi_modal_projector\.(layernorm|linear_[12])\.(weight|bias)",
+    "deepseek_vl": r"aligner\.linear[12]\.(weight|bias)",
     "idefics2": r"connector\.(modality_projection|perceiver_resampler)\..+",
     "qwen3_vl": r"visual\.(merger|deepstack_merger_list\.[01])\.(norm|linear_fc[12])\.(weight|bias)",
 }

@@ -310,7 +310,21 @@ def aya_vision():
     return AyaVisionForConditionalGeneration(config), [processor]
 
 
-FAMILIES = {"aya_vision": aya_vision, "idefics2": idefics2, "mllama": mllama, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava_next": llava_next, "llava_onevision": llava_onevision, "mistral3": mistral3, "internvl": internvl,
+def deepseek_vl():
+    from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration, DeepseekVLProcessor
+    from transformers.models.deepseek_vl.image_processing_pil_deepseek_vl import DeepseekVLImageProcessorPil
+
+    tok = tokenizer(["<image_placeholder>"], chat_template("<image_placeholder>", "<s>"), image_token="<image_placeholder>")
+    config = DeepseekVLConfig(
+        text_config={"model_type": "llama", **text_config(tok)},
+        vision_config={"model_type": "siglip_vision_model", **V, "image_size": 16, "patch_size": 4},
+        image_token_id=ids(tok, "<image_placeholder>")[0], tie_word_embeddings=False)
+    ip = DeepseekVLImageProcessorPil(size={"height": 16, "width": 16}, min_size=4)
+    processor = DeepseekVLProcessor(image_processor=ip, tokenizer=tok, num_image_tokens=16, chat_template=tok.chat_template)
+    return DeepseekVLForConditionalGeneration(config), [processor]
+
+
+FAMILIES = {"deepseek_vl": deepseek_vl, "aya_vision": aya_vision, "idefics2": idefics2, "mllama": mllama, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava_next": llava_next, "llava_onevision": llava_onevision, "mistral3": mistral3, "internvl": internvl,
             "paligemma": paligemma, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm}
 
 

@@ -159,6 +159,7 @@ def all_adapters() -> list[Adapter]:
     from .llava import LlavaAdapter
     from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
     from .aya_vision import AyaVisionAdapter
+    from .deepseek_vl import DeepseekVLAdapter
     from .gemma3 import Gemma3Adapter
     from .idefics3 import Idefics2Adapter, Idefics3Adapter, SmolVLMAdapter
     from .internvl import InternVLAdapter
@@ -170,7 +171,8 @@ def all_adapters() -> list[Adapter]:
 
     return [LlavaAdapter(), Qwen2VLAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter(), Mistral3Adapter(),
             InternVLAdapter(), PaliGemmaAdapter(), Gemma3Adapter(), Idefics3Adapter(), SmolVLMAdapter(), Qwen25VLAdapter(),
-            Qwen3VLAdapter(), MllamaAdapter(), Idefics2Adapter(), AyaVisionAdapter()]
+            Qwen3VLAdapter(), MllamaAdapter(), Idefics2Adapter(), AyaVisionAdapter(),
+            DeepseekVLAdapter()]
 
 
 def adapter_for(model_type: str | None) -> Adapter:
