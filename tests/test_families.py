@@ -32,6 +32,7 @@ CONNECTOR = {
     "mllama": r"multi_modal_projector\.(weight|bias)",
     "aya_vision": r"multi_modal_projector\.(layernorm|linear_[12])\.(weight|bias)",
     "deepseek_vl": r"aligner\.linear[12]\.(weight|bias)",
+    "glm4v": r"visual\.merger\.(proj|post_projection_norm|gate_proj|up_proj|down_proj)\.(weight|bias)",
     "idefics2": r"connector\.(modality_projection|perceiver_resampler)\..+",
     "qwen3_vl": r"visual\.(merger|deepstack_merger_list\.[01])\.(norm|linear_fc[12])\.(weight|bias)",
 }

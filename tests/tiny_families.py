@@ -324,7 +324,27 @@ def deepseek_vl():
     return DeepseekVLForConditionalGeneration(config), [processor]
 
 
-FAMILIES = {"deepseek_vl": deepseek_vl, "aya_vision": aya_vision, "idefics2": idefics2, "mllama": mllama, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava_next": llava_next, "llava_onevision": llava_onevision, "mistral3": mistral3, "internvl": internvl,
+def glm4v():
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    marks = ["<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>", "<|video|>"]
+    tok = tokenizer(marks, chat_template("<|begin_of_image|><|image|><|end_of_image|>", "<s>"), image_token="<|image|>",
+                    video_token="<|video|>")
+    b, e, image, bv, ev, video = ids(tok, *marks)
+    config = Glm4vConfig(
+        text_config={**text_config(tok), "head_dim": 16, "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1],
+                                                            "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+        vision_config={"depth": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 37, "patch_size": 14,
+                       "image_size": 56, "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 32},
+        image_token_id=image, video_token_id=video, image_start_token_id=b, image_end_token_id=e,
+        video_start_token_id=bv, video_end_token_id=ev, tie_word_embeddings=False)
+    ip = Glm4vImageProcessorPil(size={"shortest_edge": 112 * 112, "longest_edge": 112 * 112}, patch_size=14, merge_size=2,
+                                temporal_patch_size=2)
+    return Glm4vForConditionalGeneration(config), [tok, ip, dict(processor_class="Glm4vProcessor")]
+
+
+FAMILIES = {"glm4v": glm4v, "deepseek_vl": deepseek_vl, "aya_vision": aya_vision, "idefics2": idefics2, "mllama": mllama, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava_next": llava_next, "llava_onevision": llava_onevision, "mistral3": mistral3, "internvl": internvl,
             "paligemma": paligemma, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm}
 
 

@@ -161,6 +161,7 @@ def all_adapters() -> list[Adapter]:
     from .aya_vision import AyaVisionAdapter
     from .deepseek_vl import DeepseekVLAdapter
     from .gemma3 import Gemma3Adapter
+    from .glm4v import Glm4vAdapter
     from .idefics3 import Idefics2Adapter, Idefics3Adapter, SmolVLMAdapter
     from .internvl import InternVLAdapter
     from .mistral3 import Mistral3Adapter
@@ -172,7 +173,7 @@ def all_adapters() -> list[Adapter]:
     return [LlavaAdapter(), Qwen2VLAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter(), Mistral3Adapter(),
             InternVLAdapter(), PaliGemmaAdapter(), Gemma3Adapter(), Idefics3Adapter(), SmolVLMAdapter(), Qwen25VLAdapter(),
             Qwen3VLAdapter(), MllamaAdapter(), Idefics2Adapter(), AyaVisionAdapter(),
-            DeepseekVLAdapter()]
+            DeepseekVLAdapter(), Glm4vAdapter()]
 
 
 def adapter_for(model_type: str | None) -> Adapter:
