@@ -36,6 +36,10 @@ CONNECTOR = {
     "idefics2": r"connector\.(modality_projection|perceiver_resampler)\..+",
     "qwen3_vl": r"visual\.(merger|deepstack_merger_list\.[01])\.(norm|linear_fc[12])\.(weight|bias)",
 }
+CONNECTOR["llava_next_video"] = CONNECTOR["llava_next"]
+CONNECTOR["qwen3_vl_moe"] = CONNECTOR["qwen3_vl"]
+CONNECTOR["glm4v_moe"] = CONNECTOR["glm4v"]
+CONNECTOR["vipllava"] = r"multi_modal_projector\.(projector_layernorm|linear_[12])\.(weight|bias)"
 FAMILIES = list(CONNECTOR)
 
 
@@ -124,6 +128,18 @@ def test_apply_changes_only_the_connector_and_verify_agrees(family, tiny, data, 
     assert changed and all(c["projector"] for c in changed)
     assert {c["name"] for c in changed} == {c["name"] for c in report["changed_tensors"]}
     assert result["metrics"]["forget"]["after"]["mean_token_nll"] == pytest.approx(m["after"]["mean_token_nll"], rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mllama", "qwen3_vl", "idefics2"])
+def test_verify_with_probes(family, tiny, data, tmp_path):
+    """The relearning and identity probes run on the family's connector (projected tokens of each picture)."""
+    src = tiny(family)
+    run_apply(src, data, tmp_path / "out")
+    verified = tmp_path / "verify.json"
+    assert main(["verify", str(src), str(tmp_path / "out"), str(data / "forget"), "--retain", str(data / "retain"),
+                 "--report", str(verified)]) == 0
+    after = json.loads(verified.read_text())["evaluation"]["after"]
+    assert after["probe"]["classes"] == 4 and "steps" in after["relearn"]
 
 
 @pytest.mark.parametrize("family, dtype, shard, layout", [

@@ -344,7 +344,62 @@ def glm4v():
     return Glm4vForConditionalGeneration(config), [tok, ip, dict(processor_class="Glm4vProcessor")]
 
 
-FAMILIES = {"glm4v": glm4v, "deepseek_vl": deepseek_vl, "aya_vision": aya_vision, "idefics2": idefics2, "mllama": mllama, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava_next": llava_next, "llava_onevision": llava_onevision, "mistral3": mistral3, "internvl": internvl,
+def qwen3_vl_moe():
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    return _qwen("qwen3_vl_moe", Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration,
+                 {"num_position_embeddings": 16, "deepstack_visual_indexes": [0, 1]},
+                 {"head_dim": 8, "num_hidden_layers": 3, "num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 16, "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1],
+                                                                   "mrope_interleaved": True, "rope_theta": 1e4}}, 64, 16)
+
+
+def glm4v_moe():
+    from transformers import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
+
+    model, parts = glm4v()
+    config = Glm4vMoeConfig(
+        text_config={**model.config.text_config.to_dict(), "model_type": "glm4v_moe_text", "n_routed_experts": 4,
+                     "num_experts_per_tok": 2, "moe_intermediate_size": 16, "first_k_dense_replace": 1,
+                     "n_shared_experts": 1},
+        vision_config=model.config.vision_config.to_dict(),
+        **{k: getattr(model.config, k) for k in ("image_token_id", "video_token_id", "image_start_token_id",
+                                                  "image_end_token_id", "video_start_token_id", "video_end_token_id")},
+        tie_word_embeddings=False)
+    return Glm4vMoeForConditionalGeneration(config), parts
+
+
+def llava_next_video():
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    model, (processor,) = llava_next()
+    config = LlavaNextVideoConfig(
+        text_config=model.config.text_config.to_dict(), vision_config=model.config.vision_config.to_dict(),
+        image_grid_pinpoints=model.config.image_grid_pinpoints, image_token_id=model.config.image_token_id,
+        video_token_id=model.config.image_token_id + 1, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", tie_word_embeddings=False)
+    settings = dict(processor_class="LlavaNextVideoProcessor", patch_size=4, vision_feature_select_strategy="default",
+                    num_additional_image_tokens=1, image_token="<image>", video_token="<image>")
+    return LlavaNextVideoForConditionalGeneration(config), [processor.tokenizer, processor.image_processor, settings]
+
+
+def vipllava():
+    from transformers import LlavaProcessor, VipLlavaConfig, VipLlavaForConditionalGeneration
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tok = tokenizer(["<image>"], chat_template("<image>", "<s>"), image_token="<image>")
+    config = VipLlavaConfig(
+        text_config={"model_type": "llama", **text_config(tok)},
+        vision_config={"model_type": "clip_vision_model", **V, "image_size": 8, "patch_size": 2, "projection_dim": 32},
+        vision_feature_layers=[-2, -1], image_token_id=ids(tok, "<image>")[0], tie_word_embeddings=False)
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+    processor = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=2, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=tok.chat_template)
+    return VipLlavaForConditionalGeneration(config), [processor]
+
+
+FAMILIES = {"qwen3_vl_moe": qwen3_vl_moe, "glm4v_moe": glm4v_moe, "llava_next_video": llava_next_video,
+            "vipllava": vipllava, "glm4v": glm4v, "deepseek_vl": deepseek_vl, "aya_vision": aya_vision, "idefics2": idefics2, "mllama": mllama, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava_next": llava_next, "llava_onevision": llava_onevision, "mistral3": mistral3, "internvl": internvl,
             "paligemma": paligemma, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm}
 
 

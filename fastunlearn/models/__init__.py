@@ -157,7 +157,7 @@ class Adapter:
 
 def all_adapters() -> list[Adapter]:
     from .llava import LlavaAdapter
-    from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
+    from .llava_next import LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
     from .aya_vision import AyaVisionAdapter
     from .deepseek_vl import DeepseekVLAdapter
     from .gemma3 import Gemma3Adapter
@@ -168,12 +168,13 @@ def all_adapters() -> list[Adapter]:
     from .mllama import MllamaAdapter
     from .paligemma import PaliGemmaAdapter
     from .qwen2_vl import Qwen2VLAdapter
+    from .vipllava import VipLlavaAdapter
     from .qwen_vl import Qwen3VLAdapter, Qwen25VLAdapter
 
     return [LlavaAdapter(), Qwen2VLAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter(), Mistral3Adapter(),
             InternVLAdapter(), PaliGemmaAdapter(), Gemma3Adapter(), Idefics3Adapter(), SmolVLMAdapter(), Qwen25VLAdapter(),
             Qwen3VLAdapter(), MllamaAdapter(), Idefics2Adapter(), AyaVisionAdapter(),
-            DeepseekVLAdapter(), Glm4vAdapter()]
+            DeepseekVLAdapter(), Glm4vAdapter(), LlavaNextVideoAdapter(), VipLlavaAdapter()]
 
 
 def adapter_for(model_type: str | None) -> Adapter:

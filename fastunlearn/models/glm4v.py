@@ -16,7 +16,7 @@ from .common import ProcessorAdapter
 
 class Glm4vAdapter(ProcessorAdapter):
     family = "glm4v"
-    model_types = ("glm4v",)
+    model_types = ("glm4v", "glm4v_moe")  # the MoE variant differs only in the LLM
     processor_class = "Glm4vProcessor"
     processor_module = "glm4v"
     needs_video_processor = True

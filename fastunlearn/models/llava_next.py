@@ -61,3 +61,14 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         packed, _ = model.model.pack_image_features([tiles], grid["image_sizes"], image_newline=newline,
                                                     vision_aspect_ratio=model.config.vision_aspect_ratio)
         return packed[0]
+
+
+class LlavaNextVideoAdapter(LlavaNextAdapter):
+    """LLaVA-NeXT-Video (model_type "llava_next_video") on pictures: the LLaVA-NeXT image path; its
+    processor also wants a video processor, so it is built without one."""
+
+    family = "llava_next_video"
+    model_types = ("llava_next_video",)
+    processor_class = "LlavaNextVideoProcessor"
+    processor_module = "llava_next_video"
+    needs_video_processor = True

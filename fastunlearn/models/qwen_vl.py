@@ -73,7 +73,7 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
 
 class Qwen3VLAdapter(Qwen25VLAdapter):
     family = "qwen3_vl"
-    model_types = ("qwen3_vl",)
+    model_types = ("qwen3_vl", "qwen3_vl_moe")  # the MoE variant differs only in the LLM
     projector_prefix = "visual."
 
     def connector_paths(self):
@@ -105,11 +105,12 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
         return [self.project(params, f) for f in features]
 
     def connector_inputs(self, model, params, features, grids, inputs=None):
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+        import importlib
+
+        output_class = importlib.import_module(type(model.model).__module__).BaseModelOutputWithDeepstackFeatures
 
         parts = [self.split(f) for f in features]
         merged = [call(self._connector.merger, params, "merger.", p[0]) for p in parts]
         deepstack = [[call(m, params, f"deepstack_merger_list.{i}.", p[i + 1]) for p in parts]
                      for i, m in enumerate(self._connector.deepstack_merger_list)]
-        return {"mm_encoder_outputs": {"image": BaseModelOutputWithDeepstackFeatures(pooler_output=merged,
-                                                                                   deepstack_features=deepstack)}}
+        return {"mm_encoder_outputs": {"image": output_class(pooler_output=merged, deepstack_features=deepstack)}}
