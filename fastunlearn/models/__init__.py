@@ -177,10 +177,19 @@ def all_adapters() -> list[Adapter]:
             DeepseekVLAdapter(), Glm4vAdapter(), LlavaNextVideoAdapter(), VipLlavaAdapter()]
 
 
+# families of transformers' image-text-to-text models that are known and refused, with the reason
+UNSUPPORTED = {
+    "llama4": "transformers has no PIL image processor for Llama 4 (Llama4ImageProcessor needs torchvision), so "
+              "fastunlearn cannot prepare its pictures and has no tested adapter for it",
+}
+
+
 def adapter_for(model_type: str | None) -> Adapter:
     for adapter in all_adapters():
         if model_type in adapter.model_types:
             return adapter
+    if model_type in UNSUPPORTED:
+        raise UserError(f"model_type {model_type!r} is not supported: {UNSUPPORTED[model_type]}")
     supported = ", ".join(t for a in all_adapters() for t in a.model_types)
     raise UserError(f"model_type {model_type!r} has no fastunlearn adapter (supported: {supported})")
 
