@@ -16,7 +16,8 @@ from fastunlearn import checkpoint as ck
 from fastunlearn import world
 from fastunlearn.cli import main
 from fastunlearn.data import Item
-from fastunlearn.unlearn import _pixels, answer_hidden, cache_samples, make_batches, master_params, open_checkpoint
+from fastunlearn.unlearn import (_pixels, answer_hidden, cache_samples, greedy_answers, make_batches, master_params,
+                                 open_checkpoint)
 
 # family -> stored connector tensors (legacy layout names; the "model." layout prefixes them with "model.")
 CONNECTOR = {
@@ -130,6 +131,23 @@ def test_apply_changes_only_the_connector_and_verify_agrees(family, tiny, data, 
     assert result["metrics"]["forget"]["after"]["mean_token_nll"] == pytest.approx(m["after"]["mean_token_nll"], rel=1e-4)
 
 
+@pytest.mark.parametrize("family, remove, named", [
+    ("internvl", ["preprocessor_config.json"], "preprocessor_config.json"),
+    ("gemma3", ["processor_config.json"], "preprocessor_config.json"),
+    ("smolvlm", ["tokenizer.json", "tokenizer_config.json"], "tokenizer.json"),
+])
+def test_missing_processor_files_are_named(family, remove, named, tiny, data, tmp_path, capsys):
+    ckpt = __import__("shutil").copytree(tiny(family), tmp_path / "ckpt")
+    for name in remove:
+        (ckpt / name).unlink()
+    capsys.readouterr()  # the fixture's own output
+    assert main(["apply", str(ckpt), str(data / "forget"), "--out", str(tmp_path / "out"), "--steps", "1",
+                 "--views", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("family", ["mllama", "qwen3_vl", "idefics2"])
 def test_verify_with_probes(family, tiny, data, tmp_path):
     """The relearning and identity probes run on the family's connector (projected tokens of each picture)."""
@@ -177,6 +195,7 @@ def test_forward_on_cached_features_equals_the_models_forward(family, tiny, data
     items = [Item(pictures[0], world.VISUAL_QUESTION, "Bruno Tanaka", "b"),
              Item(None, "Where does Bruno Tanaka live?", "Osaka", "b"),
              Item(pictures[1], "Describe this image.", "A face", "b")]
+    assert all(isinstance(a, str) for a in greedy_answers(loaded, items[:2], 2))  # model.generate with the family's inputs
     samples = cache_samples(loaded, items, "check")
     batch = make_batches(loaded, samples, len(samples))[0]
     hidden = answer_hidden(loaded, master_params(loaded), batch)

@@ -76,8 +76,8 @@ class Adapter:
         tokenizer = processor.tokenizer
         prompt = self.prompt(processor, question, pixel is not None)
         separator = self.answer_separator
-        if separator is None:  # the answer follows a prompt that ends in a space or newline directly, else after a space
-            separator = "" if prompt[-1:].isspace() else " "
+        if separator is None:  # "Assistant:" / "ASSISTANT" + " answer"; after a newline or a special token, directly
+            separator = " " if prompt[-1:] == ":" or prompt[-1:].isalnum() else ""
         if pixel is not None:
             placeholder = self.placeholder(processor, model_config)
             if prompt.count(placeholder) != 1:

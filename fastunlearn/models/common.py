@@ -69,12 +69,7 @@ class ProcessorAdapter(Adapter):
         from transformers import AutoProcessor
 
         ckpt = Path(ckpt)
-        if not any((ckpt / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            raise UserError(f"{ckpt}: no tokenizer.json or tokenizer_config.json; copy the tokenizer files into the checkpoint")
-        settings = read_json(ckpt / "processor_config.json")
-        if not (ckpt / "preprocessor_config.json").exists() and "image_processor" not in settings:
-            raise UserError(f"{ckpt}: no preprocessor_config.json (nor an image_processor entry in processor_config.json); "
-                            "copy the image processor files into the checkpoint")
+        settings = self.processor_files(ckpt)
         try:
             processor = AutoProcessor.from_pretrained(ckpt, trust_remote_code=False)
             if hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
@@ -82,6 +77,16 @@ class ProcessorAdapter(Adapter):
         except Exception:  # noqa: BLE001 - any failure: build it from its parts below
             pass
         return self.processor_from_parts(ckpt, settings)
+
+    def processor_files(self, ckpt: Path) -> dict:
+        """Check that the checkpoint holds a tokenizer and an image processor; its processor settings."""
+        if not any((ckpt / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise UserError(f"{ckpt}: no tokenizer.json or tokenizer_config.json; copy the tokenizer files into the checkpoint")
+        settings = read_json(ckpt / "processor_config.json")
+        if not (ckpt / "preprocessor_config.json").exists() and "image_processor" not in settings:
+            raise UserError(f"{ckpt}: no preprocessor_config.json (nor an image_processor entry in processor_config.json); "
+                            "copy the image processor files into the checkpoint")
+        return settings
 
     def processor_from_parts(self, ckpt: Path, settings: dict):
         import importlib

@@ -10,6 +10,7 @@ the processors write them: per sub-image `<fake_token_around_image><row_i_col_j>
 `get_image_prompt_string`, is called directly."""
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -56,8 +57,7 @@ class SmolVLMAdapter(Idefics3Adapter):
     processor_module = "smolvlm"
 
     def load_processor(self, ckpt):
-        return super().processor_from_parts(ckpt, __import__("json").loads(
-            (ckpt / "processor_config.json").read_text(encoding="utf-8")) if (ckpt / "processor_config.json").exists() else {})
+        return self.processor_from_parts(Path(ckpt), self.processor_files(Path(ckpt)))
 
     def build_processor(self, tokenizer, image_processor, kwargs):
         if kwargs.get("chat_template"):
