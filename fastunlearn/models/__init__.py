@@ -178,9 +178,13 @@ def all_adapters() -> list[Adapter]:
 
 
 # families of transformers' image-text-to-text models that are known and refused, with the reason
+_TORCHVISION_ONLY = ("transformers 5.24 has only a torchvision image processor for it ({}), so fastunlearn cannot "
+                     "prepare its pictures without torchvision and has no tested adapter for it")
 UNSUPPORTED = {
-    "llama4": "transformers has no PIL image processor for Llama 4 (Llama4ImageProcessor needs torchvision), so "
-              "fastunlearn cannot prepare its pictures and has no tested adapter for it",
+    "llama4": _TORCHVISION_ONLY.format("Llama4ImageProcessor"),
+    "lfm2_vl": _TORCHVISION_ONLY.format("Lfm2VlImageProcessor"),
+    "cohere2_vision": _TORCHVISION_ONLY.format("Cohere2VisionImageProcessor"),
+    "perception_lm": _TORCHVISION_ONLY.format("PerceptionLMImageProcessor"),
 }
 
 
