@@ -1,8 +1,9 @@
 """The synthetic-people world on other families (slow; run with FASTUNLEARN_SLOW=1).
 
 A tiny checkpoint of the family learns the eight people: its LLM and connector are trained on cached
-features of training pictures (the vision tower stays at its random initialisation, frozen, which
-is enough to tell the cartoon faces apart) and on the text facts. Then `apply` erases two people and
+features of 48 training pictures per person (the vision tower stays at its random initialisation,
+frozen, which is enough to tell the cartoon faces apart at these families' tiny resolutions; not
+at Gemma 3's 8x8 pixels) and on the text facts. Then `apply` erases two people and
 the held-out pictures are scored before and after, as tests/test_job.py does for LLaVA and Qwen2-VL."""
 import os
 import random
@@ -23,7 +24,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not os.environ.get("FASTUNLEARN_SLOW"), reason="slow: set FASTUNLEARN_SLOW=1")]
 
 
-def train_world(family, raw, out, folders, steps=400, lr=3e-3, batch_size=32, seed=0):
+def train_world(family, raw, out, folders, steps=600, lr=3e-3, batch_size=32, seed=0):
     """Train the LLM and the connector of a freshly built checkpoint on the world; save it to `out`."""
     torch.manual_seed(seed)
     loaded = open_checkpoint(raw, torch.device("cpu"))
@@ -62,9 +63,9 @@ def train_world(family, raw, out, folders, steps=400, lr=3e-3, batch_size=32, se
     return float(loss.detach())
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl", "idefics3"])
 def test_world_forgets_held_out_pictures(family, folders, tmp_path):
-    world.write_folder(tmp_path / "train", range(8), 16, seed=21)
+    world.write_folder(tmp_path / "train", range(8), 48, seed=21)
     raw = tf.build(family, tmp_path / "raw")
     ckpt = tmp_path / "ckpt"
     train_world(family, raw, ckpt, tmp_path)

@@ -89,8 +89,6 @@ class ProcessorAdapter(Adapter):
         return settings
 
     def processor_from_parts(self, ckpt: Path, settings: dict):
-        import importlib
-
         from transformers import AutoImageProcessor, AutoTokenizer
 
         try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import ProcessorAdapter, call, to_device
+from .common import ProcessorAdapter, call
 
 
 class _Tower:
