@@ -22,14 +22,6 @@ class PaliGemmaAdapter(ProcessorAdapter):
         bos = processor.tokenizer.bos_token or ""
         return f"{processor.image_token if with_image else ''}{bos}{question}\n"
 
-    def encode(self, processor, model_config, pixel, question, answer):
-        tokenizer = processor.tokenizer
-        saved = getattr(tokenizer, "add_bos_token", None)
-        enc = super().encode(processor, model_config, pixel, question, answer)
-        if saved is not None:
-            tokenizer.add_bos_token = saved
-        return enc
-
     def model_inputs(self, model, input_ids, attention_mask, grids, answer_starts):
         token_type_ids = torch.zeros_like(input_ids)
         for row, start in enumerate(answer_starts):
