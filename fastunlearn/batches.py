@@ -29,8 +29,10 @@ class Batch:
     input_ids: torch.Tensor  # [B, L]
     attention_mask: torch.Tensor
     image_mask: torch.Tensor  # [B, L] True at image placeholder tokens
-    features: torch.Tensor | BatchFeatures | None  # [sum image tokens, d] in sequence order
-    position_ids: torch.Tensor | None
+    features: torch.Tensor | BatchFeatures | None  # cached features of the batch's pictures, concatenated in order
+    feature_sizes: list[int]  # rows of `features` per picture
+    grids: list[dict]  # per picture: its family-specific layout (e.g. image_grid_thw), no pixels
+    model_inputs: dict  # extra keyword arguments of the model's forward (position ids, token types, ...)
     answer_rows: torch.Tensor  # flat indices into [B*L] of hidden states that predict answer tokens
     targets: torch.Tensor  # answer token ids, one per row
     answer_seq: torch.Tensor  # which sequence each answer row belongs to
@@ -71,7 +73,9 @@ def _batch(loaded: Loaded, samples: list[Sample]) -> Batch:
         attention_mask=attention_mask,
         image_mask=image_mask.to(device),
         features=features_in,
-        position_ids=loaded.adapter.position_ids(model, input_ids, attention_mask, grids),
+        feature_sizes=[f.shape[0] for f in features],
+        grids=[s.grid for s in samples if s.features is not None],
+        model_inputs=loaded.adapter.model_inputs(model, input_ids, attention_mask, grids, [s.answer_start for s in samples]),
         answer_rows=torch.cat(rows).to(device),
         targets=torch.cat(targets).to(device),
         answer_seq=seq.to(device),

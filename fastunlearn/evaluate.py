@@ -107,6 +107,7 @@ def greedy_generate(loaded: Loaded, params, prompts: list[Sample], max_new_token
     tokenizer = loaded.processor.tokenizer
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id or 0
     lm_head = loaded.model.get_output_embeddings().weight
+    image_token = loaded.model.config.image_token_id
     texts = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -121,7 +122,7 @@ def greedy_generate(loaded: Loaded, params, prompts: list[Sample], max_new_token
             for b, token in enumerate(next_ids):
                 if done[b]:
                     continue
-                if token == eos:
+                if token in (eos, image_token):  # an image placeholder cannot be fed back without a picture
                     done[b] = True
                 else:
                     generated[b].append(token)
@@ -200,8 +201,8 @@ def relearn_steps(loaded: Loaded, params, train: list[Sample], heldout: list[Bat
 @torch.no_grad()
 def projected_tokens(loaded: Loaded, params, samples: list[Sample]) -> torch.Tensor:
     """The projector's output for each sample's picture, flattened: [samples, tokens * hidden]."""
-    return torch.stack([loaded.adapter.project(params, s.features.to(loaded.device, torch.float32)).flatten().cpu()
-                        for s in samples])
+    return torch.stack([loaded.adapter.project_images(loaded.model, params, [s.features.to(loaded.device, torch.float32)],
+                                                      [s.grid])[0].flatten().cpu() for s in samples])
 
 
 def fresh_projector(params: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:

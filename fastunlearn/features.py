@@ -160,10 +160,7 @@ def cache_samples(loaded: Loaded, items: list[Item], desc: str, views: int = 0, 
 
 def drop_vision_tower(loaded: Loaded) -> None:
     """Features are cached: free the vision tower (and pixels) for the rest of the job."""
-    inner = loaded.model.model
-    for attr in ("vision_tower", "visual"):
-        if getattr(inner, attr, None) is not None:
-            setattr(inner, attr, None)
+    loaded.adapter.drop_vision_tower(loaded.model)
     loaded.pixel_cache.clear()
     if loaded.device.type == "cuda":
         torch.cuda.empty_cache()

@@ -18,18 +18,24 @@ if TYPE_CHECKING:
 
 
 def answer_hidden(loaded: Loaded, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-    """Final hidden states at the positions that predict answer tokens, [answer tokens, H]."""
+    """Final hidden states at the positions that predict answer tokens, [answer tokens, H].
+
+    The one place where projected tokens enter the frozen LLM: the adapter turns the cached features
+    into the connector's outputs (`connector_inputs`, a function of `params`), and the family's own
+    multimodal forward (`model.model`) places them (placeholder scatter, or cross-attention states),
+    with its own attention masks and position ids."""
     model = loaded.model
-    embeds = model.get_input_embeddings()(batch.input_ids)
+    inputs = dict(batch.model_inputs)
     if batch.features is not None:
-        projected = loaded.adapter.project(params, batch.features.to(torch.float32))
-        n_slots = int(batch.image_mask.sum())
-        if projected.shape[0] != n_slots:
-            raise UserError(f"the prompt has {n_slots} image tokens but the projector made {projected.shape[0]}")
-        embeds = embeds.masked_scatter(batch.image_mask[..., None], projected.to(embeds.dtype))
-    out = model.model.language_model(
-        inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
-    )
+        features = list(batch.features.to(torch.float32).split(batch.feature_sizes))
+        inputs.update(loaded.adapter.connector_inputs(model, params, features, batch.grids, batch.model_inputs))
+        image = inputs.get("mm_encoder_outputs", {}).get("image")
+        if image is not None:
+            parts = image.pooler_output if isinstance(image.pooler_output, (list, tuple)) else [image.pooler_output]
+            n_tokens, n_slots = sum(p.numel() // p.shape[-1] for p in parts), int(batch.image_mask.sum())
+            if n_tokens != n_slots:
+                raise UserError(f"the prompt has {n_slots} image tokens but the projector made {n_tokens}")
+    out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **inputs)
     hidden = out.last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])[batch.answer_rows]
 

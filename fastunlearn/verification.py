@@ -64,7 +64,7 @@ def compare_checkpoints(original: Path, unlearned: Path) -> dict:
         if bytes_a == bytes_b:
             continue
         entry = {"name": name, "file": a.file.name, "byte_range": [a.start, a.end], "dtype": a.dtype,
-                 "projector": (name.startswith(adapter.projector_prefix) or ("." + adapter.projector_prefix) in name),
+                 "projector": adapter.is_projector_name(name),
                  "sha256_original": st.sha256_bytes(bytes_a), "sha256_unlearned": st.sha256_bytes(bytes_b)}
         if a.dtype in st.TORCH_DTYPES and a.dtype == b.dtype and a.shape == b.shape:
             ta, tb = st.bytes_to_tensor(bytes_a, a.dtype, a.shape), st.bytes_to_tensor(bytes_b, b.dtype, b.shape)

@@ -39,8 +39,11 @@ def test_pickle_only_checkpoint(capsys, ckpt, forget):
 
 def test_architecture_without_adapter(capsys, ckpt, forget):
     config = json.loads((ckpt / "config.json").read_text())
-    (ckpt / "config.json").write_text(json.dumps({**config, "model_type": "paligemma"}))
-    run_error(capsys, ["apply", str(ckpt), str(forget)], "'paligemma' has no fastunlearn adapter", "llava", "qwen2_vl")
+    (ckpt / "config.json").write_text(json.dumps({**config, "model_type": "fuyu"}))
+    run_error(capsys, ["apply", str(ckpt), str(forget)], "'fuyu' has no fastunlearn adapter", "llava", "qwen2_vl",
+              "paligemma", "mllama")
+    (ckpt / "config.json").write_text(json.dumps({**config, "model_type": "llama4"}))
+    run_error(capsys, ["apply", str(ckpt), str(forget)], "'llama4'", "torchvision")
 
 
 def test_truncated_safetensors(capsys, ckpt, forget):

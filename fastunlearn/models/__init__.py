@@ -26,7 +26,7 @@ class Adapter:
     family: str = ""
     model_types: tuple[str, ...] = ()
     projector_prefix: str = ""  # stored-name prefix of the projector tensors, e.g. "multi_modal_projector."
-    answer_separator: str = ""  # text between the generation prompt and the answer
+    answer_separator: str | None = ""  # text between the generation prompt and the answer (None: by the prompt's end)
 
     # -- loading
     def load_processor(self, ckpt: Path):
@@ -59,15 +59,30 @@ class Adapter:
         """How many placeholder tokens the image takes in the LLM sequence."""
         raise NotImplementedError
 
+    def placeholder(self, processor, model_config) -> str:
+        """The image placeholder the prompt template writes (once per picture)."""
+        return processor.tokenizer.convert_ids_to_tokens(model_config.image_token_id)
+
+    def image_text(self, processor, model_config, pixel: dict) -> str:
+        """What the placeholder expands to for this picture."""
+        return self.placeholder(processor, model_config) * self.n_image_tokens(processor, model_config, pixel)
+
+    def expand_prompt(self, processor, model_config, prompt: str, pixel: dict) -> str:
+        """The prompt with its one image placeholder expanded."""
+        return prompt.replace(self.placeholder(processor, model_config), self.image_text(processor, model_config, pixel))
+
     def encode(self, processor, model_config, pixel: dict | None, question: str, answer: str | None) -> Encoded:
         """Token ids of prompt (+ answer), image placeholders expanded, answer token-aligned."""
         tokenizer = processor.tokenizer
         prompt = self.prompt(processor, question, pixel is not None)
+        separator = self.answer_separator
+        if separator is None:  # "Assistant:" / "ASSISTANT" + " answer"; after a newline or a special token, directly
+            separator = " " if prompt[-1:] == ":" or prompt[-1:].isalnum() else ""
         if pixel is not None:
-            placeholder = tokenizer.convert_ids_to_tokens(model_config.image_token_id)
+            placeholder = self.placeholder(processor, model_config)
             if prompt.count(placeholder) != 1:
                 raise UserError(f"the prompt template must hold the image placeholder {placeholder!r} once")
-            prompt = prompt.replace(placeholder, placeholder * self.n_image_tokens(processor, model_config, pixel))
+            prompt = self.expand_prompt(processor, model_config, prompt, pixel)
 
         def ids(text):
             return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
@@ -76,23 +91,61 @@ class Adapter:
         n = len(prompt_ids)
         if answer is None:
             return Encoded(prompt_ids, n)
-        full_ids = ids(prompt + self.answer_separator + answer)
+        full_ids = ids(prompt + separator + answer)
         if len(full_ids) <= n or not torch.equal(full_ids[:n], prompt_ids):
             # the answer merged with the prompt's last token: tokenize it on its own
-            answer_ids = tokenizer(self.answer_separator + answer, add_special_tokens=False)["input_ids"]
+            answer_ids = tokenizer(separator + answer, add_special_tokens=False)["input_ids"]
             full_ids = torch.cat([prompt_ids, torch.tensor(answer_ids, dtype=torch.long)])
         if len(full_ids) == n:
             raise UserError("an answer encodes to no tokens")
         return Encoded(full_ids, n)
 
+    def is_projector_name(self, stored_name: str) -> bool:
+        """Is a stored tensor part of the connector (in either Hub layout: `X` or `model.X`)?"""
+        return any(stored_name.startswith(p) or ("." + p) in stored_name for p in self.connector_paths())
+
+    def connector_paths(self) -> tuple[str, ...]:
+        """Stored-name stems of the connector's tensors (default: the projector prefix)."""
+        return (self.projector_prefix,)
+
     # -- model pieces
     def vision_features(self, model, pixel: dict) -> torch.Tensor:
-        """Pre-projector features of one image: [tokens, features]."""
+        """Pre-projector features of one image: [rows, features]. Everything the frozen vision side
+        computes, so that the connector is the only function of the trained parameters."""
         raise NotImplementedError
 
-    def project(self, params: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
-        """The projector as a function of its parameters (module-relative names)."""
+    def project(self, params: dict[str, torch.Tensor], features: torch.Tensor, grid: dict | None = None) -> torch.Tensor:
+        """The projector as a function of its parameters (module-relative names), on one picture's
+        features (`grid`: that picture's layout, for families whose projector needs it)."""
         raise NotImplementedError
+
+    def project_images(self, model, params: dict[str, torch.Tensor], features: list[torch.Tensor],
+                       grids: list[dict]) -> list[torch.Tensor]:
+        """Projected tokens of each picture of a batch, [tokens, hidden] each, in sequence order."""
+        return [self.project(params, f, g) for f, g in zip(features, grids)]
+
+    def drop_vision_tower(self, model) -> None:
+        """Free the vision model once the features are cached (the connector stays usable)."""
+        for attr in ("vision_tower", "visual", "vision_model"):
+            if getattr(model.model, attr, None) is not None:
+                setattr(model.model, attr, None)
+
+    def connector_inputs(self, model, params: dict[str, torch.Tensor], features: list[torch.Tensor],
+                         grids: list[dict], inputs: dict | None = None) -> dict:
+        """Keyword arguments that bring the projected pictures into the model's forward. Default: the
+        precomputed connector outputs (transformers' `mm_encoder_outputs`), which the family's forward
+        scatters into the image placeholders itself. `inputs`: the batch's `model_inputs`."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        projected = self.project_images(model, params, features, grids)
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=projected)}}
+
+    def model_inputs(self, model, input_ids, attention_mask, grids: list[dict | None], answer_starts: list[int]) -> dict:
+        """Extra keyword arguments of the forward for a right-padded batch (`grids`: per sequence, None
+        without a picture; `answer_starts`: where each answer begins), computed once per batch:
+        position ids, token types, image layout."""
+        positions = self.position_ids(model, input_ids, attention_mask, grids)
+        return {} if positions is None else {"position_ids": positions}
 
     def position_ids(self, model, input_ids, attention_mask, pixels: list[dict]) -> torch.Tensor | None:
         return None
@@ -104,15 +157,43 @@ class Adapter:
 
 def all_adapters() -> list[Adapter]:
     from .llava import LlavaAdapter
+    from .llava_next import LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
+    from .aya_vision import AyaVisionAdapter
+    from .deepseek_vl import DeepseekVLAdapter
+    from .gemma3 import Gemma3Adapter
+    from .glm4v import Glm4vAdapter
+    from .idefics3 import Idefics2Adapter, Idefics3Adapter, SmolVLMAdapter
+    from .internvl import InternVLAdapter
+    from .mistral3 import Mistral3Adapter
+    from .mllama import MllamaAdapter
+    from .paligemma import PaliGemmaAdapter
     from .qwen2_vl import Qwen2VLAdapter
+    from .vipllava import VipLlavaAdapter
+    from .qwen_vl import Qwen3VLAdapter, Qwen25VLAdapter
 
-    return [LlavaAdapter(), Qwen2VLAdapter()]
+    return [LlavaAdapter(), Qwen2VLAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter(), Mistral3Adapter(),
+            InternVLAdapter(), PaliGemmaAdapter(), Gemma3Adapter(), Idefics3Adapter(), SmolVLMAdapter(), Qwen25VLAdapter(),
+            Qwen3VLAdapter(), MllamaAdapter(), Idefics2Adapter(), AyaVisionAdapter(),
+            DeepseekVLAdapter(), Glm4vAdapter(), LlavaNextVideoAdapter(), VipLlavaAdapter()]
+
+
+# families of transformers' image-text-to-text models that are known and refused, with the reason
+_TORCHVISION_ONLY = ("transformers 5.24 has only a torchvision image processor for it ({}), so fastunlearn cannot "
+                     "prepare its pictures without torchvision and has no tested adapter for it")
+UNSUPPORTED = {
+    "llama4": _TORCHVISION_ONLY.format("Llama4ImageProcessor"),
+    "lfm2_vl": _TORCHVISION_ONLY.format("Lfm2VlImageProcessor"),
+    "cohere2_vision": _TORCHVISION_ONLY.format("Cohere2VisionImageProcessor"),
+    "perception_lm": _TORCHVISION_ONLY.format("PerceptionLMImageProcessor"),
+}
 
 
 def adapter_for(model_type: str | None) -> Adapter:
     for adapter in all_adapters():
         if model_type in adapter.model_types:
             return adapter
+    if model_type in UNSUPPORTED:
+        raise UserError(f"model_type {model_type!r} is not supported: {UNSUPPORTED[model_type]}")
     supported = ", ".join(t for a in all_adapters() for t in a.model_types)
     raise UserError(f"model_type {model_type!r} has no fastunlearn adapter (supported: {supported})")
 

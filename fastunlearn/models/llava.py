@@ -52,11 +52,15 @@ class LlavaAdapter(Adapter):
             hidden = [h[:, 1:] for h in hidden]
         return torch.cat(hidden, dim=-1)[0]
 
-    def project(self, params, features):
+    def project(self, params, features, grid=None):
         return projector_mlp(
             features, params["linear_1.weight"], params.get("linear_1.bias"),
             params["linear_2.weight"], params.get("linear_2.bias"),
         )
+
+    def project_images(self, model, params, features, grids):
+        # token by token: one projector call for the whole batch
+        return list(self.project(params, torch.cat(features)).split([len(f) for f in features]))
 
     def generate_inputs(self, model, input_ids, pixel):
         inputs = {"input_ids": input_ids[None], "attention_mask": torch.ones_like(input_ids)[None]}

@@ -48,7 +48,12 @@ class Qwen2VLAdapter(Adapter):
         out = visual(pixel["pixel_values"].to(visual.device, visual.dtype), grid_thw=pixel["image_grid_thw"].to(visual.device))
         return out.last_hidden_state
 
-    def project(self, params, features):
+    def project_images(self, model, params, features, grids):
+        # merge group by merge group: one merger call for the whole batch
+        merge = model.config.vision_config.spatial_merge_size ** 2
+        return list(self.project(params, torch.cat(features)).split([len(f) // merge for f in features]))
+
+    def project(self, params, features, grid=None):
         dim = features.shape[-1]
         x = F.layer_norm(features, (dim,), params["ln_q.weight"], params["ln_q.bias"], eps=1e-6)
         x = x.reshape(-1, params["mlp.0.weight"].shape[1])

@@ -1,0 +1,24 @@
+"""Aya Vision checkpoints (model_type "aya_vision"): SigLIP -> connector: pixel shuffle (downsample_factor,
+parameter-free, inside the module) -> LayerNorm -> Linear -> SwiGLU -> Linear -> LLM.
+
+Connector: `multi_modal_projector.layernorm.{weight,bias}`, `.linear_1.*`, `.linear_2.*`. Features:
+the tower's selected hidden states of each tile (GotOcr2 crop-to-patches tiles plus the global
+image). Placeholders as AyaVisionProcessor writes them: `<|START_OF_IMG|>`, per tile `TILE_i` then
+`<|IMG_PATCH|>` x tokens, the global tile after `TILE_GLOBAL`, `<|END_OF_IMG|>`; only
+`<|IMG_PATCH|>` (config.image_token_id) receives projected tokens."""
+from __future__ import annotations
+
+from .common import ProcessorAdapter, call
+
+
+class AyaVisionAdapter(ProcessorAdapter):
+    family = "aya_vision"
+    model_types = ("aya_vision",)
+    processor_class = "AyaVisionProcessor"
+    processor_module = "aya_vision"
+    pooler_output_tensor = True
+
+    def project_one(self, model, module, params, features, grid):
+        n_tiles = int(grid["num_patches"][0])
+        out = call(module, params, "", features.view(n_tiles, -1, features.shape[-1]))
+        return out.reshape(-1, out.shape[-1])

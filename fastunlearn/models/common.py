@@ -1,0 +1,190 @@
+"""What most families share: the checkpoint's own processor expands the image placeholder
+(`replace_image_token`), the features entering the connector are captured at the connector's input
+while the family's own `get_image_features` runs, and the connector runs as the family's own module
+with the job's parameters (`torch.func.functional_call`), so no formula is re-implemented."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from . import Adapter
+
+
+class Connector(nn.Module):
+    """The connector's parts under one module, by their names in `model.model` (parameters shared,
+    nothing copied): e.g. `multi_modal_projector` and `image_newline` for LLaVA-NeXT."""
+
+    def __init__(self, **parts):
+        super().__init__()
+        for name, part in parts.items():
+            if isinstance(part, nn.Parameter):
+                self.register_parameter(name, part)
+            else:
+                self.add_module(name, part)
+
+
+def call(module: nn.Module, params: dict[str, torch.Tensor], prefix: str, *args, **kwargs):
+    """`module(*args, **kwargs)` with the parameters `params[prefix + name]` in place of its own."""
+    own = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+    return torch.func.functional_call(module, own, args, kwargs)
+
+
+class _Captured(Exception):
+    pass
+
+
+def to_device(value, model):
+    if isinstance(value, torch.Tensor):
+        return value.to(model.device, model.dtype if value.is_floating_point() else value.dtype)
+    return value
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e.__class__.__name__})") from None
+
+
+class ProcessorAdapter(Adapter):
+    """A family whose processor class `processor_class` expands `processor.image_token`."""
+
+    processor_class: str = ""
+    processor_module: str = ""  # transformers.models.<this>.processing_<this> holds processor_class
+    projector_attr: str = "multi_modal_projector"  # the connector module in `model.model`
+    projector_prefix = "multi_modal_projector."
+    answer_separator = None  # by the prompt's end
+    feature_keys: tuple[str, ...] = ("pixel_values",)  # image-processor outputs `get_image_features` takes
+    needs_video_processor = False  # the processor class also takes a video processor (which needs torchvision)
+
+    # -- loading
+    def load_processor(self, ckpt):
+        """The checkpoint's processor (AutoProcessor). When that cannot be built here (its class also
+        wants a video processor, which needs torchvision), the family's processor class is built from
+        the checkpoint's tokenizer, image processor, processor settings and chat template without one."""
+        from transformers import AutoProcessor
+
+        ckpt = Path(ckpt)
+        settings = self.processor_files(ckpt)
+        try:
+            processor = AutoProcessor.from_pretrained(ckpt, trust_remote_code=False)
+            if hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
+                return processor
+        except Exception:  # noqa: BLE001 - any failure: build it from its parts below
+            pass
+        return self.processor_from_parts(ckpt, settings)
+
+    def processor_files(self, ckpt: Path) -> dict:
+        """Check that the checkpoint holds a tokenizer and an image processor; its processor settings."""
+        if not any((ckpt / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise UserError(f"{ckpt}: no tokenizer.json or tokenizer_config.json; copy the tokenizer files into the checkpoint")
+        settings = read_json(ckpt / "processor_config.json")
+        if not (ckpt / "preprocessor_config.json").exists() and "image_processor" not in settings:
+            raise UserError(f"{ckpt}: no preprocessor_config.json (nor an image_processor entry in processor_config.json); "
+                            "copy the image processor files into the checkpoint")
+        return settings
+
+    def processor_from_parts(self, ckpt: Path, settings: dict):
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(ckpt)
+            image_processor = AutoImageProcessor.from_pretrained(ckpt)
+        except Exception as e:  # noqa: BLE001 - transformers raises many types for unreadable files
+            raise UserError(f"{ckpt}: cannot load the tokenizer or image processor ({str(e).splitlines()[0][:200]})") from None
+        kwargs = {k: v for k, v in settings.items()
+                  if k not in ("processor_class", "image_processor", "video_processor", "tokenizer", "auto_map")
+                  and not isinstance(v, dict)}
+        template = ckpt / "chat_template.jinja"
+        if template.exists():
+            kwargs["chat_template"] = template.read_text(encoding="utf-8")
+        elif "chat_template" in read_json(ckpt / "chat_template.json"):
+            kwargs["chat_template"] = read_json(ckpt / "chat_template.json")["chat_template"]
+        elif getattr(tokenizer, "chat_template", None):
+            kwargs["chat_template"] = tokenizer.chat_template
+        return self.build_processor(tokenizer, image_processor, kwargs)
+
+    def build_processor(self, tokenizer, image_processor, kwargs: dict):
+        """The family's processor class, sub-processor type checks off and no video processor."""
+        import importlib
+
+        module = importlib.import_module(f"transformers.models.{self.processor_module}.processing_{self.processor_module}")
+        cls = getattr(module, self.processor_class)
+        bare = type(cls.__name__, (cls,), {"check_argument_for_proper_class": lambda self, name, arg: None})
+        if self.needs_video_processor:
+            kwargs["video_processor"] = None
+        try:
+            return bare(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"cannot build the checkpoint's {self.processor_class} ({str(e).splitlines()[0][:200]})") from None
+
+    def projector_module(self, model):
+        return getattr(model.model, self.projector_attr)
+
+    def hooked_module(self, model) -> nn.Module:
+        """The module whose input is the connector's input (captured by `vision_features`)."""
+        return getattr(model.model, self.projector_attr)
+
+    pooler_output_tensor = False  # the family's forward takes the connector output as one tensor, not a list
+
+    def connector_inputs(self, model, params, features, grids, inputs=None):
+        out = super().connector_inputs(model, params, features, grids, inputs)
+        if self.pooler_output_tensor:
+            image = out["mm_encoder_outputs"]["image"]
+            image.pooler_output = torch.cat(image.pooler_output)
+        return out
+
+    # -- text
+    def placeholder(self, processor, model_config):
+        return processor.image_token
+
+    def image_text(self, processor, model_config, pixel):
+        return processor.replace_image_token(pixel, image_idx=0)
+
+    # -- features
+    def feature_inputs(self, model, pixel: dict) -> dict:
+        return {k: to_device(pixel[k], model) for k in self.feature_keys if k in pixel}
+
+    @torch.no_grad()
+    def vision_features(self, model, pixel):
+        """The connector's input while the family's own `get_image_features` runs, [rows, features]."""
+        captured = {}
+
+        def hook(module, args, kwargs):
+            captured["args"], captured["kwargs"] = args, kwargs
+            raise _Captured
+
+        handle = self.hooked_module(model).register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            model.model.get_image_features(**self.feature_inputs(model, pixel))
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        if "args" not in captured:
+            raise UserError("the vision tower's output never reached the connector")
+        x = captured["args"][0] if captured["args"] else next(iter(captured["kwargs"].values()))
+        return self.features_of(x, captured["kwargs"])
+
+    def features_of(self, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The cached form of the connector's input `x` (and its other keyword inputs): [rows, features]."""
+        return x.reshape(-1, x.shape[-1])
+
+    def project_images(self, model, params, features, grids):
+        module = self.projector_module(model)
+        return [self.project_one(model, module, params, f, g) for f, g in zip(features, grids)]
+
+    def project_one(self, model, module, params, features, grid) -> torch.Tensor:
+        """One picture's connector output, [tokens, hidden] (default: the module on its cached input)."""
+        out = call(module, params, "", features)
+        return out.reshape(-1, out.shape[-1])
+
+    def generate_inputs(self, model, input_ids, pixel):
+        inputs = {"input_ids": input_ids[None], "attention_mask": torch.ones_like(input_ids)[None]}
+        if pixel is not None:
+            inputs.update(self.feature_inputs(model, pixel))
+        return inputs

@@ -1,0 +1,33 @@
+"""Gemma 3 checkpoints (model_type "gemma3"): SigLIP -> average pool to mm_tokens_per_image -> RMSNorm
+x(1+w) -> x @ W -> Gemma 3 LLM.
+
+Connector: `multi_modal_projector.mm_input_projection_weight` (stored [vision, text]: a plain
+parameter, not an nn.Linear) and `multi_modal_projector.mm_soft_emb_norm.weight`. Features: SigLIP's
+last hidden state per crop. The chat template writes `<start_of_image>`, which Gemma3Processor
+expands to `<start_of_image>` + soft tokens + `<end_of_image>`; `token_type_ids` (1 on the soft
+tokens) give the bidirectional attention inside each picture, as the processor's output does."""
+from __future__ import annotations
+
+from .common import ProcessorAdapter, call
+
+
+class Gemma3Adapter(ProcessorAdapter):
+    family = "gemma3"
+    model_types = ("gemma3",)
+    processor_class = "Gemma3Processor"
+    processor_module = "gemma3"
+    pooler_output_tensor = True
+
+    def project_one(self, model, module, params, features, grid):
+        vision = model.config.vision_config
+        crops = features.view(-1, (vision.image_size // vision.patch_size) ** 2, features.shape[-1])
+        out = call(module, params, "", crops)
+        return out.reshape(-1, out.shape[-1])
+
+    def model_inputs(self, model, input_ids, attention_mask, grids, answer_starts):
+        return {"token_type_ids": (input_ids == model.config.image_token_id).long()}
+
+    def generate_inputs(self, model, input_ids, pixel):
+        inputs = super().generate_inputs(model, input_ids, pixel)
+        inputs["token_type_ids"] = (inputs["input_ids"] == model.config.image_token_id).long()
+        return inputs

@@ -1,0 +1,15 @@
+"""VipLLaVA checkpoints (model_type "vipllava"): CLIP hidden states of several layers (CLS dropped),
+concatenated -> LayerNorm, Linear, GELU, Linear -> LLM; LlavaProcessor placeholders.
+
+Connector: `multi_modal_projector.projector_layernorm.*`, `.linear_{1,2}.{weight,bias}`."""
+from __future__ import annotations
+
+from .common import ProcessorAdapter
+
+
+class VipLlavaAdapter(ProcessorAdapter):
+    family = "vipllava"
+    model_types = ("vipllava",)
+    processor_class = "LlavaProcessor"
+    processor_module = "llava"
+    pooler_output_tensor = True
