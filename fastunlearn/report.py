@@ -130,6 +130,7 @@ def build_report(result: dict, proof: dict, source: Path, forget_dir, retain_dir
         "metrics": result["metrics"],
         "mask_density": result["mask_density"],
         "loss_curve": result["losses"],
+        "heldout": result.get("heldout"),  # the job's own held-out check: what it stopped on, why, warnings
         "data": {
             "forget": {"folder_sha256": _sha(str(Path(forget_dir).resolve())), **describe_items(result["items"]["forget"])},
             "retain": (

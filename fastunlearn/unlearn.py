@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 from . import checkpoint as ck
 from .data import Item, augmented_view, load_image, read_folder
 from .errors import UserError
+from . import stopping  # efficacy (issue 9)
+from .guard import Guard  # efficacy (issue 9)
 from .kernels import linear_nll, masked_adamw_
 from .models import Adapter, adapter_for, stored_projector_names
 from .objectives import METHODS, forget_loss, retain_nll, uses_retain
@@ -54,6 +56,16 @@ class Config:
     max_new_tokens: int = 32
     device: str = "auto"
     seed: int = 0
+    # ---- efficacy (issue 9): guard.py, anchor.py, nullspace.py, stopping.py; 0 turns each off
+    anchor_weight: float = 0.0  # x relative squared change of the projector output on retain features
+    nullspace_energy: float = 0.0  # project linear-layer updates off the top retain directions holding this energy
+    max_relative_update: float = 0.0  # trust region: ||dW|| <= this x ||W|| per tensor
+    holdout: float = 0.0  # fraction of forget / retain pictures set aside for the stopping rule and the warnings
+    check_every: int = 5  # steps between held-out checks
+    confirm_checks: int = 1  # consecutive checks at the target before stopping
+    forget_target: float = -1.0  # held-out forget exact-answer accuracy to stop at; -1: chance
+    forget_tolerance: float = 0.05  # warn when held-out forget accuracy > chance + this
+    retain_tolerance: float = 0.02  # warn when held-out retain accuracy falls by more than this
 
     def check(self):
         if self.method not in METHODS:
@@ -62,11 +74,15 @@ class Config:
             raise UserError(f"--mask {self.mask!r}: expected fisher or none")
         if self.views < 0:
             raise UserError("--views must be 0 or more")
-        for name in ("steps", "batch_size", "fisher_samples", "max_new_tokens"):
+        for name in ("steps", "batch_size", "fisher_samples", "max_new_tokens", "check_every", "confirm_checks"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.lr <= 0 or self.beta <= 0:
             raise UserError("--lr and --beta must be positive")
+        if not 0 <= self.holdout < 1 or not 0 <= self.nullspace_energy <= 1:
+            raise UserError("--holdout must be in [0, 1) and --nullspace-energy in [0, 1]")
+        if self.anchor_weight < 0 or self.max_relative_update < 0:
+            raise UserError("--anchor-weight and --max-relative-update must be 0 or more")
 
 
 FEATURE_MEMORY_MB = 2048  # cached vision features kept in memory; beyond it they go to a temporary folder
@@ -479,7 +495,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, log) -> list[float]:
+def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, log, guard: Guard | None = None) -> list[float]:
     trainable = {n: p.requires_grad_(True) for n, p in params.items()}
     state = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
     use_retain = bool(retain_batches) and uses_retain(cfg.method)
@@ -491,6 +507,8 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
         if use_retain:
             rb = retain_batches[step % len(retain_batches)]
             loss = loss + cfg.retain_weight * retain_nll(sequence_nll(loaded, trainable, rb), rb.lengths)
+        if guard is not None and use_retain:  # efficacy: the retain anchor
+            loss = loss + guard.extra_loss(trainable, fb, rb)
         grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
         with torch.no_grad():
             for (n, p), g in zip(trainable.items(), grads):
@@ -501,6 +519,10 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
                               beta2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if guard is not None and guard.after_step(step, trainable, mask):  # efficacy: null space, trust region, stop
+            break
+    if guard is not None:
+        guard.finish(trainable)  # efficacy: keep the state the held-out rule chose
     for p in params.values():
         p.requires_grad_(False)
     return losses
@@ -537,9 +559,16 @@ def unlearn(ckpt: Path, forget_dir: Path, retain_dir: Path | None, cfg: Config, 
     retain_items = fill_answers(loaded, retain_items, cfg.max_new_tokens)
     if not forget_items:
         raise UserError(f"{forget_dir}: the model gives no answer to any forget question; nothing to forget")
+    # ---- efficacy (issue 9): pictures the optimisation never sees, for the stopping rule and the warnings
+    forget_all, retain_all = forget_items, retain_items
+    chance = stopping.chance_level(forget_items, forget_items + retain_items)
+    forget_items, forget_heldout = stopping.split_pictures(forget_items, cfg.holdout, cfg.seed)
+    retain_items, retain_heldout = stopping.split_pictures(retain_items, cfg.holdout, cfg.seed)
     phase("answers")
     forget_samples = cache_samples(loaded, forget_items, "forget", cfg.views, cfg.seed)
     retain_samples = cache_samples(loaded, retain_items, "retain", cfg.views, cfg.seed)
+    forget_check = cache_samples(loaded, forget_heldout, "held-out forget", cfg.views, cfg.seed)  # efficacy
+    retain_check = cache_samples(loaded, retain_heldout, "held-out retain", cfg.views, cfg.seed)  # efficacy
     drop_vision_tower(loaded)
     forget_batches = make_batches(loaded, forget_samples, cfg.batch_size)
     retain_batches = make_batches(loaded, retain_samples, cfg.batch_size)
@@ -565,7 +594,13 @@ def unlearn(ckpt: Path, forget_dir: Path, retain_dir: Path | None, cfg: Config, 
         mask = {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
     phase("mask")
 
-    losses = optimise(loaded, params, mask, forget_batches, retain_batches, cfg, log)
+    guard = Guard(loaded, params, cfg, retain_samples=retain_samples, forget_samples=forget_samples,  # efficacy
+                  forget_check=make_batches(loaded, forget_check, cfg.batch_size),
+                  retain_check=make_batches(loaded, retain_check, cfg.batch_size), chance=chance, log=log)
+    losses = optimise(loaded, params, mask, forget_batches, retain_batches, cfg, log, guard)
+    heldout = guard.report()  # efficacy
+    for warning in heldout["warnings"]:
+        log(f"WARNING: {warning}")
     phase("optimise")
 
     # What will be stored: cast once from fp32; evaluate exactly those values.
@@ -583,7 +618,8 @@ def unlearn(ckpt: Path, forget_dir: Path, retain_dir: Path | None, cfg: Config, 
         "device": str(device),
         "compute_dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
         "changes": changes,
-        "items": {"forget": forget_items, "retain": retain_items},
+        "items": {"forget": forget_all, "retain": retain_all},
+        "heldout": heldout,  # efficacy: the job's own held-out check, what it stopped on and why
         "metrics": {
             "forget": {"before": summarize(forget_before, forget_eval), "after": summarize(forget_after, forget_eval)},
             "retain": {"before": summarize(retain_before, retain_eval), "after": summarize(retain_after, retain_eval)},
