@@ -139,7 +139,8 @@ def run_setting(w, world_name, family, ckpt, n_forget, seed, variants, workdir, 
         held = result.get("heldout") or {}
         row.update(variant=name, world=world_name, model=family, forget_people=n_forget, seed=seed, forget=forget,
                    twins=twins, wall_s=round(wall, 1), chance=1 / len(w.people), steps_kept=held.get("kept_step"),
-                   job_warnings=len(held.get("warnings", [])), config=asdict(cfg))
+                   job_warnings=len(held.get("warnings", [])), nullspace=held.get("nullspace"), checks=held.get("checks"),
+                   why=held.get("why"), config=asdict(cfg))
         rows.append(row)
         log(f"[{world_name} {family} forget {n_forget} seed {seed}] {name}: forget exact {row['forget_exact']:.0f} "
             f"MC {row['forget_mc']:.0f}, retain drop {row['retain_drop']:.1f} (MC {row['retain_mc_drop']:.1f}), "

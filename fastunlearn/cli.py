@@ -27,6 +27,14 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per batch (default {d.batch_size})")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda (default auto: cuda when available)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    p.add_argument("--anchor-weight", type=float, default=d.anchor_weight,
+                   help=f"weight of the retain anchor: relative change of the projector output on retain pictures (default {d.anchor_weight})")
+    p.add_argument("--holdout", type=float, default=d.holdout,
+                   help=f"fraction of pictures set aside to decide when to stop and to check the targets; 0: fixed steps (default {d.holdout})")
+    p.add_argument("--nullspace-energy", type=float, default=d.nullspace_energy,
+                   help=f"project the update off the retain directions holding this energy; 0: off (default {d.nullspace_energy})")
+    p.add_argument("--max-relative-update", type=float, default=d.max_relative_update,
+                   help=f"trust region: cap ||dW|| / ||W|| per tensor; 0: off (default {d.max_relative_update})")
 
 
 def _config(args):
@@ -34,7 +42,8 @@ def _config(args):
 
     return Config(method=args.method, steps=args.steps, lr=args.lr, beta=args.beta, retain_weight=args.retain_weight,
                   mask=args.mask, mask_threshold=args.mask_threshold, views=args.views, batch_size=args.batch_size, device=args.device,
-                  seed=args.seed)
+                  seed=args.seed, anchor_weight=args.anchor_weight, holdout=args.holdout,
+                  nullspace_energy=args.nullspace_energy, max_relative_update=args.max_relative_update)
 
 
 def parser() -> argparse.ArgumentParser:

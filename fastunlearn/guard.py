@@ -29,7 +29,16 @@ class Guard:
                  chance: float = 0.0, log=print):
         from .unlearn import score  # unlearn imports this module
 
-        self._score = lambda p, batches: float(score(loaded, p, batches)["correct"].float().mean()) if batches else math.nan
+        def accuracy(p, batches, soft=False):
+            """Greedy exact-answer accuracy; with soft, the larger of it and the mean probability of the
+            whole answer (what sampling would say: a margin below the greedy threshold)."""
+            if not batches:
+                return math.nan
+            out = score(loaded, p, batches)
+            greedy = float(out["correct"].float().mean())
+            return max(greedy, float(torch.exp(-out["nll"]).mean())) if soft else greedy
+
+        self._score = accuracy
         self.cfg, self.log, self.loaded = cfg, log, loaded
         self.family = loaded.adapter.family
         self.original = {n: p.detach().clone() for n, p in params.items()}
@@ -49,19 +58,24 @@ class Guard:
             retain_free = nullspace.free_energy(self.family, self.original, self.proj, feats)
             log(f"null space: retain rank per layer {self.ranks}, forget energy left to act on "
                 f"{[round(x, 4) for x in self.free_energy]} (retain: {[round(x, 6) for x in retain_free]})")
+        # the anchor's pictures: every retain picture and view (features cached once), a random subset per step
+        self.anchor_features = [f for f in _unique_features(retain_samples)] if cfg.anchor_weight > 0 else []
+        self.anchor_rng = torch.Generator().manual_seed(cfg.seed)
         self.checks: list[stopping.Check] = []
         self.kept_state: dict | None = None
-        self.before = {"forget": self._score(self.original, self.forget_check),
+        self.before = {"forget": self._score(self.original, self.forget_check, soft=True),
                        "retain": self._score(self.original, self.retain_check)}
         self.stopped_at = None
         self.chosen = None
 
     # ---- call site 1: in the loss
     def extra_loss(self, params, forget_batch, retain_batch):
-        if self.cfg.anchor_weight > 0 and retain_batch is not None and retain_batch.features is not None:
-            feats = retain_batch.features.to(torch.float32)
-            return self.cfg.anchor_weight * anchor.anchor_loss(self.loaded.adapter.project, params, self.original, feats)
-        return 0.0
+        if self.cfg.anchor_weight <= 0 or not self.anchor_features:
+            return 0.0
+        n = len(self.anchor_features)
+        pick = torch.randperm(n, generator=self.anchor_rng)[: self.cfg.anchor_pictures] if self.cfg.anchor_pictures else range(n)
+        feats = torch.cat([self.anchor_features[int(i)].to(self.loaded.device, torch.float32) for i in pick])
+        return self.cfg.anchor_weight * anchor.anchor_loss(self.loaded.adapter.project, params, self.original, feats)
 
     # ---- call site 2: after each update; True = stop
     @torch.no_grad()
@@ -76,11 +90,13 @@ class Guard:
         if not self.forget_check or (step + 1) % self.cfg.check_every:
             return False
         frozen = {n: p.detach() for n, p in params.items()}
-        check = stopping.Check(step + 1, self._score(frozen, self.forget_check), self._score(frozen, self.retain_check))
+        check = stopping.Check(step + 1, self._score(frozen, self.forget_check, soft=True),
+                               self._score(frozen, self.retain_check))
         self.checks.append(check)
         if stopping.choose(self.checks, self.target) == len(self.checks) - 1:
             self.kept_state = {n: p.detach().clone() for n, p in params.items()}  # the best state seen so far
-        stop = stopping.stop_now(self.checks, self.target, self.cfg.confirm_checks)
+        stop = stopping.stop_now(self.checks, self.target, self.cfg.confirm_checks, self.before["retain"],
+                                 self.cfg.retain_tolerance)
         if stop:
             self.stopped_at = step + 1
         return stop
@@ -118,8 +134,10 @@ class Guard:
         if chosen is None:
             return "no held-out pictures: ran the fixed number of steps"
         if chosen.forget <= self.target + 1e-12:
-            return (f"kept step {chosen.step}: the first check where held-out forget accuracy "
-                    f"({100 * chosen.forget:.1f}%) reached the target ({100 * self.target:.1f}%)")
+            r = "" if chosen.retain != chosen.retain else f" with the best held-out retain accuracy ({100 * chosen.retain:.1f}%)"
+            how = f"stopped at step {self.stopped_at} (both targets met)" if self.stopped_at else f"ran all {self.cfg.steps} steps"
+            return (f"kept step {chosen.step}: of the checks where held-out forget accuracy reached the target "
+                    f"({100 * self.target:.1f}%), the one{r}; {how}")
         return (f"kept step {chosen.step}: held-out forget accuracy never reached the target "
                 f"({100 * self.target:.1f}%) in {self.cfg.steps} steps; this check had the lowest ({100 * chosen.forget:.1f}%)")
 

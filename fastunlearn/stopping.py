@@ -6,10 +6,14 @@ warnings `apply` prints when its own held-out check says a target was missed. Pl
   picture to train on.
 - `chance_level`: exact-answer chance of a question = 1 / number of distinct answers the forget
   and retain folders give to that question (1/number of people for "Who is in this image?").
-- `stop_now` / `choose`: checks are (step, held-out forget accuracy, held-out retain accuracy);
-  stop at the first check where forget accuracy is at or below the target (chance) for `confirm`
-  checks in a row; keep that state. When no check reaches the target, keep the check with the
-  lowest forget accuracy (ties: the higher retain accuracy, then the earlier step).
+- `stop_now` / `choose`: checks are (step, held-out forget accuracy, held-out retain accuracy).
+  Stop once `confirm` checks in a row have forget accuracy at or below the target (chance) AND
+  retain accuracy within `retain_tolerance` of before (both targets met: nothing left to gain).
+  Keep, among the checks at the forget target, the one with the best retain accuracy (ties: the
+  earliest); when no check reaches the target, the one with the lowest forget accuracy (ties: the
+  better retain accuracy, then the earliest). Stopping at the FIRST check at the target is not
+  enough: NPO reaches it with a burst that also hurts retain pictures, which the retain terms
+  then repair over the next steps while forgetting holds (measured: 8-20 retain points).
 - `missed_targets`: the warnings (forgetting above chance + tolerance, retention down by more than
   the tolerance) the job reports and `apply` prints.
 """
@@ -64,24 +68,28 @@ class Check:
     retain: float  # held-out retain exact-answer accuracy (nan when there is none)
 
 
-def stop_now(checks: list[Check], target: float, confirm: int = 1) -> bool:
-    """True once the last `confirm` checks all have forget accuracy <= target."""
+def _retain_ok(c: Check, retain_before: float, tolerance: float) -> bool:
+    return c.retain != c.retain or retain_before != retain_before or c.retain >= retain_before - tolerance - 1e-12
+
+
+def stop_now(checks: list[Check], target: float, confirm: int = 1, retain_before: float = float("nan"),
+             retain_tolerance: float = 0.02) -> bool:
+    """True once the last `confirm` checks all have forget accuracy <= target and retain accuracy
+    within `retain_tolerance` of `retain_before` (nan: no retain check)."""
     if len(checks) < confirm:
         return False
-    return all(c.forget <= target + 1e-12 for c in checks[-confirm:])
+    return all(c.forget <= target + 1e-12 and _retain_ok(c, retain_before, retain_tolerance) for c in checks[-confirm:])
 
 
 def choose(checks: list[Check], target: float) -> int:
     """Index of the check whose state the job keeps (see the module docstring)."""
     if not checks:
         raise ValueError("no checks")
-    for i, c in enumerate(checks):
-        if c.forget <= target + 1e-12:
-            return i
-    def key(i):
-        r = checks[i].retain
-        return (checks[i].forget, -(r if r == r else 0.0), checks[i].step)
-    return min(range(len(checks)), key=key)
+    retain = lambda i: checks[i].retain if checks[i].retain == checks[i].retain else 0.0
+    at_target = [i for i, c in enumerate(checks) if c.forget <= target + 1e-12]
+    if at_target:
+        return min(at_target, key=lambda i: (-retain(i), checks[i].step))
+    return min(range(len(checks)), key=lambda i: (checks[i].forget, -retain(i), checks[i].step))
 
 
 def missed_targets(forget_after: float, chance: float, retain_before: float | None, retain_after: float | None,

@@ -58,6 +58,7 @@ class Config:
     seed: int = 0
     # ---- efficacy (issue 9): guard.py, anchor.py, nullspace.py, stopping.py; 0 turns each off
     anchor_weight: float = 0.0  # x relative squared change of the projector output on retain features
+    anchor_pictures: int = 64  # retain pictures / views the anchor sees per step (0: all of them)
     nullspace_energy: float = 0.0  # project linear-layer updates off the top retain directions holding this energy
     max_relative_update: float = 0.0  # trust region: ||dW|| <= this x ||W|| per tensor
     holdout: float = 0.0  # fraction of forget / retain pictures set aside for the stopping rule and the warnings
