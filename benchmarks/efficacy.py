@@ -59,7 +59,7 @@ WORLDS = {
 FORGET_PICTURES, RETAIN_PICTURES, HELDOUT_PICTURES = 6, 2, 10
 
 # name -> Config overrides (everything else: Config's defaults). "default" is Config() as shipped.
-OLD_DEFAULT = dict(anchor_weight=0.0, nullspace_energy=0.0, max_relative_update=0.0, holdout=0.0, steps=100,
+OLD_DEFAULT = dict(anchor_weight=0.0, nullspace_energy=0.0, max_relative_update=0.0, holdout=0.0, steps=100, beta=0.5,
                    lr=1e-2, retain_weight=3.0, mask="fisher")
 VARIANTS = {
     "default": {},
@@ -179,7 +179,7 @@ def worst_table(rows: list[dict], probes: bool) -> str:
             "retain drop (max)", "retain MC drop (max)", "twin drop (max)", "text dNLL", "kept step", "job warnings",
             "meets targets"]
     if probes:
-        head[-1:-1] = ["relearn (min)", "probe (max)"]
+        head[-1:-1] = ["relearn steps (min)", "probe (max)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = []
     for r in rows:
@@ -212,11 +212,18 @@ def worst_table(rows: list[dict], probes: bool) -> str:
                  (f"{steps[0]}-{steps[-1]}" if steps else "fixed"), str(sum(r["job_warnings"] for r in group)),
                  "yes" if ok else "no: " + ", ".join(misses)]
         if probes:
-            rl = [r["relearn"] for r in group]
-            cells[-1:-1] = [">40" if any(x is None for x in rl) and all(x is None for x in rl) else str(min(x for x in rl if x is not None)),
-                            f"{max(r['probe'] for r in group):.0f}% (before {max(r['probe_before'] for r in group):.0f}%)"]
+            rl = [r["relearn"] for r in group if "relearn" in r]
+            pr = [r for r in group if "probe" in r]
+            cells[-1:-1] = ["-" if not rl else ">40" if all(x is None for x in rl) else str(min(x for x in rl if x is not None)),
+                            "-" if not pr else f"{max(r['probe'] for r in pr):.0f}% (before {max(r['probe_before'] for r in pr):.0f}%)"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def save(out: Path, rows: list[dict], started: float, probes: bool) -> None:
+    """The rows so far (JSON) and their worst-case table (OUT.md), after every setting."""
+    out.write_text(json.dumps({"rows": rows, "total_s": time.perf_counter() - started}, indent=1, default=str) + "\n")
+    out.with_suffix(".md").write_text(worst_table(rows, probes) + "\n")
 
 
 def main():
@@ -225,18 +232,24 @@ def main():
     ap.add_argument("--models", nargs="+", default=["llava", "qwen2_vl"], choices=["llava", "qwen2_vl"])
     ap.add_argument("--forget", nargs="+", type=int, default=[1, 2, 4])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    ap.add_argument("--variants", nargs="+", help=f"names in VARIANTS (default: all): {list(VARIANTS)}")
+    ap.add_argument("--variants", nargs="*", help=f"names in VARIANTS (default: all): {list(VARIANTS)}")
     ap.add_argument("--set", nargs="*", action="append", default=[], metavar="KEY=VALUE",
                     help="an extra variant with these Config overrides (e.g. --set anchor_weight=10 holdout=0.3); repeatable")
     ap.add_argument("--probes", action="store_true", help="also relearning steps and the identity probe (slower)")
+    ap.add_argument("--probe-seeds", nargs="*", type=int, help="with --probes: only on these seeds (default: all)")
     ap.add_argument("--workdir", type=Path, default=Path("build/efficacy"))
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--table", type=Path, nargs="+", help="print the worst-case table of these JSON files and exit")
     args = ap.parse_args()
+    if args.table:
+        rows = [r for f in args.table for r in json.loads(f.read_text())["rows"]]
+        print(worst_table(rows, any("relearn" in r for r in rows)))
+        return
     torch.set_num_threads(1)
     import transformers
 
     transformers.logging.set_verbosity_error()
-    variants = {k: VARIANTS[k] for k in args.variants} if args.variants else dict(VARIANTS)
+    variants = {k: VARIANTS[k] for k in args.variants} if args.variants is not None else dict(VARIANTS)
     for pairs in args.set:
         custom = {}
         for kv in pairs:
@@ -244,6 +257,8 @@ def main():
             custom[k] = type(getattr(Config(), k))(v)
         variants[" ".join(pairs)] = custom
     rows, started = [], time.perf_counter()
+    out = args.json or args.workdir / "efficacy.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(f"{time.perf_counter() - started:6.0f}s {msg}", flush=True)
     for world_name in args.worlds:
         spec = WORLDS[world_name]
@@ -252,15 +267,17 @@ def main():
             ckpt = spec["checkpoints"][family]
             if not (ckpt / "model.safetensors").exists():
                 sys.exit(f"{ckpt}: missing; build it with python scripts/build_bench_world.py --world {world_name}")
-            for n_forget in args.forget:
-                for seed in args.seeds:
-                    rows += run_setting(w, world_name, family, ckpt, n_forget, seed, variants, args.workdir,
-                                        args.probes, log)
-    out = args.json or args.workdir / "efficacy.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "total_s": time.perf_counter() - started}, indent=1, default=str) + "\n")
+            for seed in args.seeds:  # seeds outermost: a run stopped early still covers every forget size
+                for n_forget in args.forget:
+                    probes = args.probes and (args.probe_seeds is None or seed in args.probe_seeds)
+                    rows += run_setting(w, world_name, family, ckpt, n_forget, seed, variants, args.workdir, probes, log)
+                    save(out, rows, started, args.probes)
     print()
     print(worst_table(rows, args.probes))
+    if args.probes:
+        print("\n(relearn steps: projector fine-tuning steps until 90% exact answers on the forgotten people's held-out "
+              "pictures, >40 = not within 40; probe: linear identity probe on projected tokens, forgotten people; "
+              f"both on seeds {args.probe_seeds if args.probe_seeds is not None else args.seeds} only)")
     print(f"\ntotal {time.perf_counter() - started:.0f}s; JSON: {out}")
 
 

@@ -24,6 +24,24 @@ def anchor_loss(project, params: dict[str, torch.Tensor], original: dict[str, to
     return (out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-12)
 
 
+@torch.no_grad()
+def mean_output(project, params: dict[str, torch.Tensor], features: list[torch.Tensor]) -> torch.Tensor:
+    """Mean projector output over pictures: [tokens, H] per token position when all pictures have the
+    same number of tokens, else [1, H] (the mean token)."""
+    outs = [project(params, f) for f in features]
+    if len({o.shape for o in outs}) == 1:
+        return torch.stack(outs).mean(0)
+    return torch.cat(outs).mean(0, keepdim=True)
+
+
+def target_loss(project, params: dict[str, torch.Tensor], features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Relative squared distance of the projector output on `features` (pictures concatenated) from
+    `target` (one picture's worth of tokens, repeated; or one token, broadcast)."""
+    out = project(params, features)
+    t = target.repeat(out.shape[0] // target.shape[0], 1) if target.shape[0] > 1 else target
+    return (out - t).pow(2).sum() / t.expand_as(out).pow(2).sum().clamp_min(1e-12)
+
+
 def relative_update(params: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> float:
     """||theta - theta_0|| / ||theta_0|| over all projector tensors."""
     num = sum(float((params[n] - original[n]).pow(2).sum()) for n in params)

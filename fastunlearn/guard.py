@@ -61,6 +61,12 @@ class Guard:
         # the anchor's pictures: every retain picture and view (features cached once), a random subset per step
         self.anchor_features = [f for f in _unique_features(retain_samples)] if cfg.anchor_weight > 0 else []
         self.anchor_rng = torch.Generator().manual_seed(cfg.seed)
+        # the identity-agnostic target for the forget pictures' visual tokens: the mean original output
+        # over the retain pictures (per token position when every picture has the same token count)
+        self.forget_target = None
+        if cfg.forget_anchor_weight > 0 and retain_samples:
+            self.forget_target = anchor.mean_output(loaded.adapter.project, self.original,
+                                                    [f.to(device, torch.float32) for f in _unique_features(retain_samples)])
         self.checks: list[stopping.Check] = []
         self.kept_state: dict | None = None
         self.before = {"forget": self._score(self.original, self.forget_check, soft=True),
@@ -70,12 +76,16 @@ class Guard:
 
     # ---- call site 1: in the loss
     def extra_loss(self, params, forget_batch, retain_batch):
+        loss = 0.0
+        if self.forget_target is not None and forget_batch.features is not None:
+            loss = self.cfg.forget_anchor_weight * anchor.target_loss(
+                self.loaded.adapter.project, params, forget_batch.features.to(torch.float32), self.forget_target)
         if self.cfg.anchor_weight <= 0 or not self.anchor_features:
-            return 0.0
+            return loss
         n = len(self.anchor_features)
         pick = torch.randperm(n, generator=self.anchor_rng)[: self.cfg.anchor_pictures] if self.cfg.anchor_pictures else range(n)
         feats = torch.cat([self.anchor_features[int(i)].to(self.loaded.device, torch.float32) for i in pick])
-        return self.cfg.anchor_weight * anchor.anchor_loss(self.loaded.adapter.project, params, self.original, feats)
+        return loss + self.cfg.anchor_weight * anchor.anchor_loss(self.loaded.adapter.project, params, self.original, feats)
 
     # ---- call site 2: after each update; True = stop
     @torch.no_grad()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-METHODS = ("npo", "simnpo", "ga", "graddiff")
+METHODS = ("npo", "simnpo", "ga", "graddiff", "none")  # none: no forget term (with --forget-anchor-weight)
 
 
 def npo(nll: torch.Tensor, ref_nll: torch.Tensor, beta: float) -> torch.Tensor:
@@ -39,6 +39,8 @@ def forget_loss(method: str, nll, ref_nll, lengths, beta: float) -> torch.Tensor
         return simnpo(nll, lengths, beta)
     if method in ("ga", "graddiff"):
         return gradient_ascent(nll)
+    if method == "none":
+        return nll.sum() * 0.0
     raise ValueError(f"unknown method {method!r} (expected one of {', '.join(METHODS)})")
 
 
