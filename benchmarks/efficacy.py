@@ -61,8 +61,12 @@ FORGET_PICTURES, RETAIN_PICTURES, HELDOUT_PICTURES = 6, 2, 10
 # name -> Config overrides (everything else: Config's defaults). "default" is Config() as shipped.
 OLD_DEFAULT = dict(anchor_weight=0.0, nullspace_energy=0.0, max_relative_update=0.0, holdout=0.0, steps=100, beta=0.5,
                    lr=1e-2, retain_weight=3.0, mask="fisher")
+# the opt-in preset measured against the default (issue 9): retain anchor, smaller beta, no mask,
+# held-out stopping over at most 300 steps
+PRESET = dict(anchor_weight=10.0, beta=0.1, mask="none", holdout=0.34, steps=300)
 VARIANTS = {
     "default": {},
+    "preset: anchor 10, beta 0.1, no mask, held-out stop": PRESET,
     "old default (NPO + Fisher mask, 100 steps)": OLD_DEFAULT,
     "NPO, no mask (old settings)": {**OLD_DEFAULT, "mask": "none"},
 }

@@ -97,7 +97,7 @@ class Guard:
                     p.copy_(torch.where(mask[n], p, self.original[n]))
         if self.cfg.max_relative_update > 0:
             anchor.trust_region_(params, self.original, self.cfg.max_relative_update)
-        if not self.forget_check or (step + 1) % self.cfg.check_every:
+        if not self.forget_check or (step + 1) % self.cfg.check_every or step + 1 < min(self.cfg.min_steps, self.cfg.steps):
             return False
         frozen = {n: p.detach() for n, p in params.items()}
         check = stopping.Check(step + 1, self._score(frozen, self.forget_check, soft=True),

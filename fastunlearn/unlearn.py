@@ -43,11 +43,11 @@ from .objectives import METHODS, forget_loss, retain_nll, uses_retain
 @dataclass
 class Config:
     method: str = "npo"
-    steps: int = 300  # at most; with holdout > 0 the held-out rule stops earlier and keeps the best state
+    steps: int = 100  # with holdout > 0: at most; the held-out rule may stop earlier and keeps the best state
     lr: float = 1e-2
-    beta: float = 0.1  # was 0.5: a smaller beta keeps pushing (closer to GA) once the anchor pulls back
+    beta: float = 0.5
     retain_weight: float = 3.0
-    mask: str = "none"  # fisher | none (was fisher: benchmarks/RESULTS.md#efficacy)
+    mask: str = "fisher"  # fisher | none
     mask_threshold: float = 1.0
     fisher_samples: int = 64
     batch_size: int = 16
@@ -57,13 +57,14 @@ class Config:
     device: str = "auto"
     seed: int = 0
     # ---- efficacy (issue 9): guard.py, anchor.py, nullspace.py, stopping.py; 0 turns each off
-    anchor_weight: float = 10.0  # x relative squared change of the projector output on retain features
+    anchor_weight: float = 0.0  # x relative squared change of the projector output on retain features
     anchor_pictures: int = 64  # retain pictures / views the anchor sees per step (0: all of them)
     forget_anchor_weight: float = 0.0  # x distance of forget pictures' visual tokens from the mean retain output
     nullspace_energy: float = 0.0  # project linear-layer updates off the top retain directions holding this energy
     max_relative_update: float = 0.0  # trust region: ||dW|| <= this x ||W|| per tensor
-    holdout: float = 0.34  # fraction of forget / retain pictures set aside for the stopping rule and the warnings
+    holdout: float = 0.0  # fraction of forget / retain pictures set aside for the stopping rule and the warnings
     check_every: int = 5  # steps between held-out checks
+    min_steps: int = 0  # no held-out check (so no stop, no state kept) before this step
     confirm_checks: int = 1  # consecutive checks at the target before stopping
     forget_target: float = -1.0  # held-out forget exact-answer accuracy to stop at; -1: chance
     forget_tolerance: float = 0.05  # warn when held-out forget accuracy > chance + this
