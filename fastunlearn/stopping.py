@@ -6,7 +6,9 @@ warnings `apply` prints when its own held-out check says a target was missed. Pl
   picture to train on.
 - `chance_level`: exact-answer chance of a question = 1 / number of distinct answers the forget
   and retain folders give to that question (1/number of people for "Who is in this image?").
-- `stop_now` / `choose`: checks are (step, held-out forget accuracy, held-out retain accuracy).
+- `stop_now` / `choose`: checks are (step, held-out forget measure, held-out retain accuracy); the
+  job's forget measure (guard.py) is the larger of greedy exact-answer accuracy and the mean
+  probability of the whole answer, a margin below the greedy threshold.
   Stop once `confirm` checks in a row have forget accuracy at or below the target (chance) AND
   retain accuracy within `retain_tolerance` of before (both targets met: nothing left to gain).
   Keep, among the checks at the forget target, the one with the best retain accuracy (ties: the
