@@ -193,11 +193,11 @@ def worst_table(rows: list[dict], probes: bool) -> str:
     for k in keys:
         group = [r for r in rows if (r["world"], r["model"], r["forget_people"], r["variant"]) == k]
         chance = 100 * group[0]["chance"]
-        fe = max(r["forget_exact"] for r in group)
-        fm = max(r["forget_mc"] for r in group)
-        rd = max(r["retain_drop"] for r in group)
+        fe = round(max(r["forget_exact"] for r in group), 6)  # rounded: 10.0000001 is 10
+        fm = round(max(r["forget_mc"] for r in group), 6)
+        rd = round(max(r["retain_drop"] for r in group), 6)
         rmd = max(r["retain_mc_drop"] for r in group)
-        tw = [r["twin_drop"] for r in group if r["twin_drop"] is not None]
+        tw = [round(r["twin_drop"], 6) for r in group if r["twin_drop"] is not None]
         td = max(tw) if tw else None
         ok = fe <= chance + 5 and fm <= 30 and rd <= 2 and (td is None or td <= 2)
         misses = []
