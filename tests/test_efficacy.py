@@ -1,6 +1,5 @@
 """Issue 9 pieces: null-space projection, retain anchor, trust region, held-out split, stopping rule,
 and the warning `apply` prints when its own held-out check misses a target."""
-import math
 from pathlib import Path
 
 import pytest
