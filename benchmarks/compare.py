@@ -109,7 +109,7 @@ def write_folders(w: bw.World, root: Path, forget) -> None:
 class Bench:
     """One model and forget set, opened once: the prepared sets, probes' data and the original weights."""
 
-    def __init__(self, w: bw.World, ckpt: Path, folders: Path, forget, views: int):
+    def __init__(self, w: bw.World, ckpt: Path, folders: Path, forget, views: int, extra_sets: dict | None = None):
         self.loaded = open_checkpoint(ckpt, torch.device("cpu"))
         everyone = range(len(w.people))
         others = [i for i in everyone if i not in forget]
@@ -120,6 +120,8 @@ class Bench:
             "forget_text": ev.with_options(w.text_items(forget), w.text_items(everyone), kind=w.question_kind),
             "all_text": ev.with_options(w.text_items(everyone), kind=w.question_kind),
         }
+        for name, people in (extra_sets or {}).items():  # e.g. the look-alike twins (benchmarks/efficacy.py)
+            sets[name] = ev.with_options(w.visual_items(folders / "heldout", people), heldout_all)
         self.sets = {name: ev.prepare(self.loaded, qs) for name, qs in sets.items()}
         forget_train = read_folder(folders / "forget")
         train = forget_train + read_folder(folders / "retain")

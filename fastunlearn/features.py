@@ -137,15 +137,17 @@ def fill_answers(loaded: Loaded, items: list[Item], max_new_tokens: int) -> list
 
 
 @torch.no_grad()
-def cache_samples(loaded: Loaded, items: list[Item], desc: str, views: int = 0, seed: int = 0) -> list[Sample]:
+def cache_samples(loaded: Loaded, items: list[Item], desc: str, views: int = 0, seed: int = 0,
+                  first_view: int = 0) -> list[Sample]:
     """Encode items and compute the vision features of each picture (and of `views` augmented
-    variants of it, each a sample of its own) once."""
+    variants of it, each a sample of its own) once. Views are numbered from `first_view` (0: the
+    picture itself)."""
     adapter, model = loaded.adapter, loaded.model
     if loaded.feature_cache is None:
         loaded.feature_cache = FeatureCache(feature_budget_bytes())
     samples = []
     for item in progress(items, desc=f"caching {desc} features"):
-        for view in range(1 + views if item.image is not None else 1):
+        for view in range(first_view, first_view + 1 + views) if item.image is not None else [0]:
             pixel = features = grid = None
             if item.image is not None:
                 pixel = _pixels(loaded, item.image, view, seed)

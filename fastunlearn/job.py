@@ -34,6 +34,7 @@ from .features import drop_vision_tower
 from .load import check_weights_match_config, master_params, open_checkpoint
 from .mask import fisher_diagonal, saliency_mask
 from .optimise import optimise
+from .targets import chance_level, missed_targets
 from .write import preflight, write_result
 
 logger = logging.getLogger("fastunlearn")
@@ -106,6 +107,11 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     per_request = [dist.cache_samples(loaded, items, "forget", cfg.views, cfg.seed) for items in requests]
     forget_samples = [s for samples in per_request for s in samples]
     retain_samples = dist.cache_samples(loaded, retain_items, "retain", cfg.views, cfg.seed)
+    # the job's own check (targets.py): one more view of every picture, never trained on
+    forget_check = dist.make_batches(loaded, dist.cache_samples(loaded, forget_items, "check", 0, cfg.seed, cfg.views + 1),
+                                     cfg.batch_size)
+    retain_check = dist.make_batches(loaded, dist.cache_samples(loaded, retain_items, "check", 0, cfg.seed, cfg.views + 1),
+                                     cfg.batch_size)
     drop_vision_tower(loaded)
     forget_batches = dist.make_batches(loaded, forget_samples, cfg.batch_size)
     retain_batches = dist.make_batches(loaded, retain_samples, cfg.batch_size)
@@ -120,6 +126,7 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
 
     params = master_params(loaded)
     forget_before, retain_before = dist.score(loaded, params, forget_eval), dist.score(loaded, params, retain_eval)
+    retain_check_before = dist.score(loaded, params, retain_check)
     reference = dist.score(loaded, params, forget_batches)["nll"]  # the original projector, computed once
     for batch, ref in zip(forget_batches, reference.split([len(b.lengths) for b in forget_batches])):
         batch.ref_nll = ref.to(device)
@@ -147,6 +154,14 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     retain_after = dist.score(loaded, stored_params, retain_eval)
     (fb, fb_req), (fa, fa_req) = dist.summaries(forget_before, forget_eval, slices), dist.summaries(forget_after, forget_eval, slices)
     (rb, _), (ra, _) = dist.summaries(retain_before, retain_eval), dist.summaries(retain_after, retain_eval)
+    (fc, _) = dist.summaries(dist.score(loaded, stored_params, forget_check), forget_check)
+    (rcb, _), (rca, _) = (dist.summaries(retain_check_before, retain_check),
+                          dist.summaries(dist.score(loaded, stored_params, retain_check), retain_check))
+    chance = chance_level(forget_items, forget_items + retain_items)
+    warnings = missed_targets(fc["greedy_accuracy"], chance, rcb["greedy_accuracy"] if retain_check else None,
+                              rca["greedy_accuracy"] if retain_check else None)
+    for warning in warnings:
+        log(f"WARNING: {warning}")
     phase("evaluate")
 
     changes = tensor_changes(loaded, new)
@@ -162,6 +177,11 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
             "forget": {"before": fb, "after": fa},
             "retain": {"before": rb, "after": ra},
         },
+        "check": {"note": "exact-answer accuracy on one more augmented view of every picture, never trained on "
+                           "(targets.py); new pictures usually fare worse",
+                  "chance": round(chance, 6), "forget_after": fc["greedy_accuracy"],
+                  "retain_before": rcb["greedy_accuracy"] if retain_check else None,
+                  "retain_after": rca["greedy_accuracy"] if retain_check else None, "warnings": warnings},
         "requests": [{"folder": d, "items": items, "metrics": {"before": b, "after": a}}
                      for d, items, b, a in zip(folders, requests, fb_req, fa_req)],
         "distributed": {**dist.describe(), "projector_identical_on_all_ranks": same_state},

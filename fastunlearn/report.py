@@ -142,6 +142,7 @@ def build_report(result: dict, proof: dict, source: Path, forget_dir, retain_dir
         "metrics": result["metrics"],
         "mask_density": result["mask_density"],
         "loss_curve": result["losses"],
+        "check": result["check"],  # the job's own check of its targets on unseen views, and its warnings
         "data": {
             "forget": {"folder_sha256": (_folder_sha(forget_dirs[0]) if len(forget_dirs) == 1
                                          else [_folder_sha(d) for d in forget_dirs]),

@@ -26,16 +26,20 @@ FOLDERS = {"llava": "llava-people20", "qwen2_vl": "qwen2vl-people20"}
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("build/bench-world"))
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--only", choices=list(FOLDERS))
     ap.add_argument("--steps", type=int, help="override the training steps (for a quick trial)")
+    ap.add_argument("--world", choices=["bench", "lookalike"], default="bench",
+                    help="lookalike: the variant with look-alike pairs (bench_world.lookalike_world); "
+                         "default --out build/lookalike-world")
     args = ap.parse_args()
+    args.out = args.out or Path(f"build/{args.world}-world")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(bw.BENCH["threads"])
-    w = bw.bench_world()
+    w = bw.bench_world() if args.world == "bench" else bw.lookalike_world()
     info_path = args.out / "world.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    info.update(bench=bw.BENCH, people=[dict(p) for p in w.people], torch=torch.__version__)
+    info.update(world=args.world, bench=bw.BENCH, people=[dict(p) for p in w.people], torch=torch.__version__)
     info.setdefault("results", {})
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     for family, folder in FOLDERS.items():

@@ -136,6 +136,42 @@ def bench_world(n: int = BENCH["people"], seed: int = BENCH["looks_seed"]) -> Wo
     return World(people, VISUAL_QUESTIONS, TEXT_QUESTIONS)
 
 
+# The look-alike variant: LOOKALIKE_PAIRS people have a twin sharing five of the six traits (the
+# differing trait is a visible one: hair colour, hair style or accessory), with a different name,
+# job and city. Twins are the last people: twin of person k (k < LOOKALIKE_PAIRS) is person
+# n - LOOKALIKE_PAIRS + k. The other people still differ from everyone in at least three traits.
+LOOKALIKE_PAIRS = 6
+LOOKALIKE_TRAITS = ("hair", "style", "extra")
+
+
+def lookalike_twin(look: dict, k: int, taken: list[dict]) -> dict:
+    """A look equal to `look` except for one visible trait, distinct from every look in `taken`."""
+    for trait in LOOKALIKE_TRAITS[k % len(LOOKALIKE_TRAITS):] + LOOKALIKE_TRAITS[:k % len(LOOKALIKE_TRAITS)]:
+        for value in TRAITS[trait]:
+            twin = {**look, trait: value}
+            if value != look[trait] and all(o is look or sum(twin[t] != o[t] for t in TRAITS) >= 2 for o in taken):
+                return twin
+    raise ValueError("no twin look available")
+
+
+def lookalike_world(n: int = BENCH["people"], pairs: int = LOOKALIKE_PAIRS, seed: int = BENCH["looks_seed"]) -> World:
+    """The 20-person world with `pairs` look-alike pairs: people 0..pairs-1 and their twins
+    n-pairs..n-1 (names, jobs and cities are the bench world's, so the tokenizer's words are the same)."""
+    base = distinct_looks(n - pairs, seed)
+    looks = list(base)
+    for k in range(pairs):
+        looks.append(lookalike_twin(base[k], k, looks))
+    people = tuple(dict(name=f"{FIRST[i]} {LAST[i]}", job=JOBS[i], city=CITIES[i], look=looks[i]) for i in range(n))
+    return World(people, VISUAL_QUESTIONS, TEXT_QUESTIONS)
+
+
+def lookalike_pairs(w: World) -> list[tuple[int, int]]:
+    """(person, twin) index pairs of a world: people whose looks differ in exactly one trait."""
+    n = len(w.people)
+    return [(i, j) for i in range(n) for j in range(i + 1, n)
+            if sum(w.people[i]["look"][t] != w.people[j]["look"][t] for t in TRAITS) == 1]
+
+
 # ---------------------------------------------------------------- models that know the world
 
 
