@@ -20,6 +20,7 @@ from fastunlearn.batches import make_batches
 from fastunlearn.features import _pixels, cache_samples, greedy_answers
 from fastunlearn.forward import answer_hidden
 from fastunlearn.load import master_params, open_checkpoint
+from fastunlearn.mask import fisher_diagonal, fisher_diagonal_loop
 
 # family -> stored connector tensors (legacy layout names; the "model." layout prefixes them with "model.")
 CONNECTOR = {
@@ -210,3 +211,22 @@ def test_forward_on_cached_features_equals_the_models_forward(family, tiny, data
             ref = loaded.model.model(**inputs, use_cache=False).last_hidden_state[0]
         expected = ref[sample.answer_start - 1 : len(sample.input_ids) - 1]
         torch.testing.assert_close(hidden[batch.answer_seq == i], expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen3_vl", "mllama", "idefics2"])
+def test_batched_fisher_equals_the_per_sample_loop(family, tiny, data):
+    """Per-sample gradients through per-picture parameter copies (mask.fisher_diagonal) equal one
+    backward pass per sample, for each way a connector enters the model (placeholders, deepstack,
+    cross-attention, resampler)."""
+    loaded = open_checkpoint(tiny(family), torch.device("cpu"))
+    pictures = sorted((data / "forget").rglob("*.png"))[:3]
+    items = [Item(p, world.VISUAL_QUESTION, "Bruno Tanaka", "b") for p in pictures]
+    items.insert(1, Item(None, "Where does Bruno Tanaka live?", "Osaka", "b"))
+    samples = cache_samples(loaded, items, "fisher")
+    params = master_params(loaded)
+    expected = fisher_diagonal_loop(loaded, params, samples, limit=64)
+    got = fisher_diagonal(loaded, params, samples, limit=64, chunk=3)  # a ragged chunk with a text-only sample
+    assert any(float(e.abs().max()) > 0 for e in expected.values())
+    for name in expected:
+        scale = float(expected[name].abs().max()) or 1.0
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5 * scale, msg=name)

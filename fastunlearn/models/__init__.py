@@ -124,6 +124,13 @@ class Adapter:
         """Projected tokens of each picture of a batch, [tokens, hidden] each, in sequence order."""
         return [self.project(params, f, g) for f, g in zip(features, grids)]
 
+    def project_each(self, model, params, features: list[torch.Tensor], grids: list[dict]) -> list[torch.Tensor]:
+        """project_images, where `params` may also be a list of parameter dicts, one per picture (each
+        picture through its own copy: per-sample gradients in one pass, mask.fisher_diagonal)."""
+        if isinstance(params, dict):
+            return self.project_images(model, params, features, grids)
+        return [self.project_images(model, p, [f], [g])[0] for p, f, g in zip(params, features, grids)]
+
     def drop_vision_tower(self, model) -> None:
         """Free the vision model once the features are cached (the connector stays usable)."""
         for attr in ("vision_tower", "visual", "vision_model"):
@@ -137,7 +144,7 @@ class Adapter:
         scatters into the image placeholders itself. `inputs`: the batch's `model_inputs`."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        projected = self.project_images(model, params, features, grids)
+        projected = self.project_each(model, params, features, grids)
         return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=projected)}}
 
     def model_inputs(self, model, input_ids, attention_mask, grids: list[dict | None], answer_starts: list[int]) -> dict:

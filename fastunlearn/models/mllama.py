@@ -65,7 +65,7 @@ class MllamaAdapter(ProcessorAdapter):
 
     def connector_inputs(self, model, params, features, grids, inputs=None):
         hidden, patches = model.config.text_config.hidden_size, self.patches(model)
-        projected = [p.reshape(-1, patches, hidden) for p in self.project_images(model, params, features, grids)]
+        projected = [p.reshape(-1, patches, hidden) for p in self.project_each(model, params, features, grids)]
         rows = inputs["cross_attention_mask"].flatten(1).any(-1)  # the sequences with a picture, in order
         states = projected[0].new_zeros(len(rows), *projected[0].shape)
         states[rows.to(states.device)] = torch.stack(projected)

@@ -110,7 +110,8 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
         output_class = importlib.import_module(type(model.model).__module__).BaseModelOutputWithDeepstackFeatures
 
         parts = [self.split(f) for f in features]
-        merged = [call(self._connector.merger, params, "merger.", p[0]) for p in parts]
-        deepstack = [[call(m, params, f"deepstack_merger_list.{i}.", p[i + 1]) for p in parts]
+        each = params if isinstance(params, list) else [params] * len(parts)  # one dict per picture allowed
+        merged = [call(self._connector.merger, q, "merger.", p[0]) for q, p in zip(each, parts)]
+        deepstack = [[call(m, q, f"deepstack_merger_list.{i}.", p[i + 1]) for q, p in zip(each, parts)]
                      for i, m in enumerate(self._connector.deepstack_merger_list)]
         return {"mm_encoder_outputs": {"image": output_class(pooler_output=merged, deepstack_features=deepstack)}}
