@@ -46,7 +46,7 @@ def encode_batch(adapter, processor, model, items, device):
 
 
 def run_baseline(ckpt, forget_items, retain_items, steps: int, lr: float, beta: float, batch_size: int,
-                 device: torch.device, dtype=torch.float32) -> list[float]:
+                 device: torch.device, dtype=torch.float32, retain_weight: float = 3.0, out=None) -> list[float]:
     model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=dtype).to(device).eval()
     adapter = adapter_for(model.config.model_type)
     processor = adapter.load_processor(ckpt)
@@ -69,9 +69,40 @@ def run_baseline(ckpt, forget_items, retain_items, steps: int, lr: float, beta: 
         loss = npo(nll, ref_nll, beta)
         if retain:
             r_inputs, r_labels = retain[step % len(retain)]
-            loss = loss + sequence_nll(model(**r_inputs).logits, r_labels).sum() / (r_labels != -100).sum()
+            loss = loss + retain_weight * sequence_nll(model(**r_inputs).logits, r_labels).sum() / (r_labels != -100).sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+    if out is not None:  # what a published baseline ends with: the whole model saved
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
     return losses
+
+
+def main() -> None:
+    """The naive job as a whole process: python benchmarks/baseline.py CKPT FORGET RETAIN [--steps N] ..."""
+    import argparse
+    from pathlib import Path
+
+    from fastunlearn.data import read_folder
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("ckpt", type=Path)
+    ap.add_argument("forget", type=Path)
+    ap.add_argument("retain", type=Path)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--beta", type=float, default=0.5)
+    ap.add_argument("--retain-weight", type=float, default=3.0)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    run_baseline(args.ckpt, read_folder(args.forget, "forget"), read_folder(args.retain, "retain"), args.steps, args.lr,
+                 args.beta, args.batch_size, device, dtype, args.retain_weight, args.out)
+
+
+if __name__ == "__main__":
+    main()

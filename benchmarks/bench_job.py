@@ -105,7 +105,8 @@ def test_e2e_cpu_demo_llava(benchmark, demo_world, variant):
                  cpu_peak=lambda: cpu_peak_mb(variant, *demo_world))
 
 
-def build_llava(folder: Path, image_size: int, patch: int, vision: tuple, text: tuple, device: str, dtype) -> Path:
+def build_llava(folder: Path, image_size: int, patch: int, vision: tuple, text: tuple, device: str, dtype,
+                vocab: int = 32064, shard: str = "10GB") -> Path:
     """A LLaVA-1.5-style checkpoint with random weights and the demo's tokenizer and processor.
 
     vision / text: (hidden, intermediate, layers, heads); the LLM's vocabulary is 32064 as in
@@ -122,13 +123,13 @@ def build_llava(folder: Path, image_size: int, patch: int, vision: tuple, text: 
         vision_config=CLIPVisionConfig(hidden_size=vh, intermediate_size=vi, num_hidden_layers=vl, num_attention_heads=va,
                                        image_size=image_size, patch_size=patch),
         text_config=LlamaConfig(hidden_size=th, intermediate_size=ti, num_hidden_layers=tl, num_attention_heads=ta,
-                                num_key_value_heads=ta, vocab_size=32064, max_position_embeddings=4096),
+                                num_key_value_heads=ta, vocab_size=vocab, max_position_embeddings=4096),
         image_token_id=processor.tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
         vision_feature_select_strategy="default", projector_hidden_act="gelu")
     torch.manual_seed(0)
     with torch.device(device):
         model = LlavaForConditionalGeneration(config).to(dtype)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, max_shard_size=shard)
     processor.save_pretrained(folder)
     del model
     if device == "cuda":

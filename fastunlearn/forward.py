@@ -22,7 +22,7 @@ def answer_hidden(loaded: Loaded, params: dict[str, torch.Tensor], batch: Batch)
     model = loaded.model
     embeds = model.get_input_embeddings()(batch.input_ids)
     if batch.features is not None:
-        projected = loaded.adapter.project(params, batch.features.to(torch.float32))
+        projected = project(loaded, params, batch)
         n_slots = int(batch.image_mask.sum())
         if projected.shape[0] != n_slots:
             raise UserError(f"the prompt has {n_slots} image tokens but the projector made {projected.shape[0]}")
@@ -32,6 +32,19 @@ def answer_hidden(loaded: Loaded, params: dict[str, torch.Tensor], batch: Batch)
     )
     hidden = out.last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])[batch.answer_rows]
+
+
+def project(loaded: Loaded, params, batch: Batch) -> torch.Tensor:
+    """The projector on the batch's features, [image tokens, H]. `params` is one parameter dict,
+    or a list of them, one per sequence (per-sample gradients: mask.py): sequence b's features
+    then go through params[b] only, so d(sum of NLLs)/d params[b] is sequence b's own gradient."""
+    features = batch.features.to(torch.float32)
+    if isinstance(params, dict):
+        return loaded.adapter.project(params, features)
+    tokens = batch.image_mask.sum(1)
+    rows = (tokens * (features.shape[0] // max(1, int(tokens.sum())))).tolist()  # feature rows per sequence
+    parts = features.split(rows)
+    return torch.cat([loaded.adapter.project(p, f) for p, f in zip(params, parts) if f.shape[0]])
 
 
 def sequence_nll(loaded: Loaded, params, batch: Batch) -> torch.Tensor:

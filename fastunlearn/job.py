@@ -90,8 +90,8 @@ def unlearn(ckpt: Path, forget_dir: Path, retain_dir: Path | None, cfg: Config, 
     phase("reference")
 
     if cfg.mask == "fisher" and retain_samples:
-        forget_fisher = fisher_diagonal(loaded, params, forget_samples, cfg.fisher_samples)
-        retain_fisher = fisher_diagonal(loaded, params, retain_samples, cfg.fisher_samples)
+        forget_fisher = fisher_diagonal(loaded, params, forget_samples, cfg.fisher_samples, cfg.batch_size)
+        retain_fisher = fisher_diagonal(loaded, params, retain_samples, cfg.fisher_samples, cfg.batch_size)
         mask = saliency_mask(forget_fisher, retain_fisher, cfg.mask_threshold)
     else:
         if cfg.mask == "fisher":

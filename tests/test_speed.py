@@ -1,0 +1,30 @@
+"""The job's fast paths compute what the plain ones compute (speed itself: benchmarks/bench_e2e.py)."""
+import pytest
+import torch
+
+from fastunlearn.data import Item, read_folder
+from fastunlearn.features import cache_samples, drop_vision_tower
+from fastunlearn.load import master_params, open_checkpoint
+from fastunlearn.mask import fisher_diagonal, fisher_diagonal_loop
+
+
+def samples_of(family, variant, folders, views=1):
+    loaded = open_checkpoint(variant(family), torch.device("cpu"))
+    items = read_folder(folders / "forget")[:5] + read_folder(folders / "retain")[:4]
+    items.insert(3, Item(None, "What is the job of Ada?", "baker", ""))  # text-only: no projector gradient
+    samples = cache_samples(loaded, items, "test", views=views, seed=0)
+    drop_vision_tower(loaded)
+    return loaded, samples
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_batched_fisher_equals_the_per_sample_loop(family, variant, folders):
+    loaded, samples = samples_of(family, variant, folders)
+    params = master_params(loaded)
+    expected = fisher_diagonal_loop(loaded, params, samples, limit=64)
+    for chunk in (1, 4, 64):  # ragged chunks, padding, a text-only sample inside a chunk
+        got = fisher_diagonal(loaded, params, samples, limit=64, chunk=chunk)
+        for name in expected:
+            scale = float(expected[name].abs().max())
+            assert scale > 0, name
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
