@@ -143,16 +143,19 @@ def cache_samples(loaded: Loaded, items: list[Item], desc: str, views: int = 0, 
     adapter, model = loaded.adapter, loaded.model
     samples = []
     for item in progress(items, desc=f"caching {desc} features"):
-        for view in range(1 + views if item.image is not None else 1):
-            pixel = features = grid = None
-            if item.image is not None:
-                pixel = _pixels(loaded, item.image, view, seed)
-                if (item.image, view) not in loaded.feature_cache:
-                    loaded.feature_cache[item.image, view] = adapter.vision_features(model, pixel)
-                features = loaded.feature_cache[item.image, view]
-                grid = {k: v for k, v in pixel.items() if k != "pixel_values"}
+        if item.image is None:
+            enc = adapter.encode(loaded.processor, model.config, None, item.question, item.answer)
+            samples.append(Sample(enc.input_ids, enc.answer_start, None, None, 0))
+            continue
+        pixels = {view: _pixels(loaded, item.image, view, seed) for view in range(1 + views)}
+        todo = [view for view in pixels if (item.image, view) not in loaded.feature_cache]
+        # a picture's views go through the tower together: one batched call instead of 1 + views
+        for view, features in zip(todo, adapter.vision_features_batch(model, [pixels[v] for v in todo]) if todo else []):
+            loaded.feature_cache[item.image, view] = features
+        for view, pixel in pixels.items():
+            grid = {k: v for k, v in pixel.items() if k != "pixel_values"}
             enc = adapter.encode(loaded.processor, model.config, pixel, item.question, item.answer)
-            samples.append(Sample(enc.input_ids, enc.answer_start, features, grid, view))
+            samples.append(Sample(enc.input_ids, enc.answer_start, loaded.feature_cache[item.image, view], grid, view))
     return samples
 
 

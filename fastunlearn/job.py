@@ -83,8 +83,13 @@ def unlearn(ckpt: Path, forget_dir: Path, retain_dir: Path | None, cfg: Config, 
     phase("cache")
 
     params = master_params(loaded)
-    forget_before, retain_before = score(loaded, params, forget_eval), score(loaded, params, retain_eval)
-    reference = score(loaded, params, forget_batches)["nll"]  # the original projector, computed once
+    # the original projector, computed once: reference NLLs of every forget view, and the "before"
+    # metrics of the pictures themselves (view 0) from the same pass
+    forget_scores = score(loaded, params, forget_batches)
+    reference = forget_scores["nll"]
+    view0 = torch.tensor([s.view == 0 for s in forget_samples], dtype=torch.bool)
+    forget_before = {k: v[view0] for k, v in forget_scores.items()}
+    retain_before = score(loaded, params, retain_eval)
     for batch, ref in zip(forget_batches, reference.split([len(b.lengths) for b in forget_batches])):
         batch.ref_nll = ref.to(device)
     phase("reference")

@@ -17,12 +17,17 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
     losses = []
     bar = progress(range(cfg.steps), desc=f"optimising ({cfg.method})")
     for step in bar:
+        # forget and retain terms are differentiated one after the other and their gradients added:
+        # the same gradient as one backward of their sum, with one batch's activations alive, not two
         fb = forget_batches[step % len(forget_batches)]
         loss = forget_loss(cfg.method, sequence_nll(loaded, trainable, fb), fb.ref_nll, fb.lengths, cfg.beta)
+        grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
         if use_retain:
             rb = retain_batches[step % len(retain_batches)]
-            loss = loss + cfg.retain_weight * retain_nll(sequence_nll(loaded, trainable, rb), rb.lengths)
-        grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
+            retain = cfg.retain_weight * retain_nll(sequence_nll(loaded, trainable, rb), rb.lengths)
+            retain_grads = torch.autograd.grad(retain, list(trainable.values()), allow_unused=True)
+            grads = [r if g is None else g if r is None else g + r for g, r in zip(grads, retain_grads)]
+            loss = loss.detach() + retain.detach()
         with torch.no_grad():
             for (n, p), g in zip(trainable.items(), grads):
                 if g is None:

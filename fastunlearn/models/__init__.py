@@ -90,6 +90,10 @@ class Adapter:
         """Pre-projector features of one image: [tokens, features]."""
         raise NotImplementedError
 
+    def vision_features_batch(self, model, pixels: list[dict]) -> list[torch.Tensor]:
+        """vision_features of several pictures (a family may run them as one batch)."""
+        return [self.vision_features(model, p) for p in pixels]
+
     def project(self, params: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
         """The projector as a function of its parameters (module-relative names)."""
         raise NotImplementedError

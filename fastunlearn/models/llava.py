@@ -40,17 +40,33 @@ class LlavaAdapter(Adapter):
         n = (height // patch) * (width // patch) + getattr(processor, "num_additional_image_tokens", 1)
         return n - 1 if model_config.vision_feature_select_strategy == "default" else n
 
-    @torch.no_grad()
     def vision_features(self, model, pixel):
+        return self.vision_features_batch(model, [pixel])[0]
+
+    @torch.no_grad()
+    def vision_features_batch(self, model, pixels):
+        """One tower call for the pictures (same size after the processor), run only up to the
+        deepest layer that `vision_feature_layer` reads: with the default -2, CLIP's last layer
+        is never needed."""
         config = model.config
         tower = model.model.vision_tower
-        out = tower(pixel["pixel_values"].to(tower.device, tower.dtype), output_hidden_states=True)
+        values = torch.cat([p["pixel_values"] for p in pixels]).to(tower.device, tower.dtype)
         layers = config.vision_feature_layer
         layers = [layers] if isinstance(layers, int) else list(layers)
+        encoder = getattr(getattr(tower, "vision_model", None), "encoder", None)
+        full = getattr(encoder, "layers", None)
+        if isinstance(full, torch.nn.ModuleList):
+            layers = [i % (len(full) + 1) for i in layers]  # hidden_states[k]: after k layers
+            encoder.layers = full[: max(layers)]
+        try:
+            out = tower(values, output_hidden_states=True)
+        finally:
+            if isinstance(full, torch.nn.ModuleList):
+                encoder.layers = full
         hidden = [out.hidden_states[i] for i in layers]
         if config.vision_feature_select_strategy == "default":
             hidden = [h[:, 1:] for h in hidden]
-        return torch.cat(hidden, dim=-1)[0]
+        return [f.contiguous() for f in torch.cat(hidden, dim=-1).unbind(0)]
 
     def project(self, params, features):
         return projector_mlp(
