@@ -42,6 +42,13 @@ def make_batches(loaded: Loaded, samples: list[Sample], batch_size: int) -> list
     return [_batch(loaded, samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
 
 
+def make_groups(loaded: Loaded, samples: list[Sample], batch_size: int, micro: int) -> list[list[Batch]]:
+    """The batches of make_batches (the same samples), each as micro-batches of at most `micro`
+    sequences, run one after another within a step (bounds the activations held at once)."""
+    return [[_batch(loaded, samples[j : min(j + micro, i + batch_size)]) for j in range(i, min(i + batch_size, len(samples)), micro)]
+            for i in range(0, len(samples), batch_size)]
+
+
 def _batch(loaded: Loaded, samples: list[Sample]) -> Batch:
     model, device = loaded.model, loaded.device
     pad = loaded.processor.tokenizer.pad_token_id or 0
@@ -59,8 +66,9 @@ def _batch(loaded: Loaded, samples: list[Sample]) -> Batch:
         seq.append(torch.full((n - s.answer_start,), b))
     image_mask = input_ids == model.config.image_token_id
     features = [s.features for s in samples if s.features is not None]
-    if any(isinstance(f, SpilledFeatures) for f in features):
-        features_in = BatchFeatures(features, device)  # read from disk when used
+    if features and (device.type == "cpu" or any(isinstance(f, SpilledFeatures) for f in features)):
+        # concatenated when used: from disk, or (CPU) from the cache itself, not held twice
+        features_in = BatchFeatures(features, device)
     else:
         features_in = torch.cat(features).to(device) if features else None
     grids = [s.grid for s in samples]

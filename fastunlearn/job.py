@@ -25,19 +25,21 @@ import torch
 
 from . import journal
 from . import safetensors_io as st
-from .batches import make_batches
+from .batches import make_batches, make_groups
 from .config import Config, pick_device, seed_everything
 from .data import read_folder
 from .delta import save_delta, tensor_changes
 from .errors import UserError
 from .features import cache_samples, drop_vision_tower, fill_answers
 from .forward import score, summarize
-from .load import check_weights_match_config, master_params, open_checkpoint
+from .load import check_weights_match_config, compute_dtype, master_params, open_checkpoint
 from .mask import fisher_diagonal, saliency_mask
 from .optimise import optimise
 from .write import preflight, write_result
 
 logger = logging.getLogger("fastunlearn")
+FISHER_CHUNK = 4  # samples per batched per-sample-gradient pass (bounds its activations; not faster when larger)
+MICRO_BATCH = 4  # sequences per forward/backward within an optimisation step (same update, fewer activations)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -46,6 +48,18 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_free_memory() -> None:
+    """Give freed heap pages back to the OS between phases (glibc keeps them otherwise), so that
+    one phase's peak does not sit on top of the previous phase's garbage."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def unlearn(ckpt: Path, forget_dir: Path, retain_dir: Path | None, cfg: Config, log=logger.info) -> dict:
@@ -57,6 +71,7 @@ def unlearn(ckpt: Path, forget_dir: Path, retain_dir: Path | None, cfg: Config, 
 
     def phase(name):
         nonlocal t0
+        release_free_memory()
         now = time.perf_counter()
         phases[name] = round(now - t0, 3)
         t0 = now
@@ -64,9 +79,11 @@ def unlearn(ckpt: Path, forget_dir: Path, retain_dir: Path | None, cfg: Config, 
     forget_items = read_folder(forget_dir, "forget")
     retain_items = read_folder(retain_dir, "retain") if retain_dir is not None else []
     device = pick_device(cfg.device)
-    loaded = open_checkpoint(ckpt, device)
+    loaded = open_checkpoint(ckpt, device, llm_later=True)
     phase("load")
 
+    if any(it.answer is None for it in forget_items + retain_items):
+        compute_dtype(loaded)  # the model's own greedy answers need the whole model
     forget_items = fill_answers(loaded, forget_items, cfg.max_new_tokens)
     retain_items = fill_answers(loaded, retain_items, cfg.max_new_tokens)
     if not forget_items:
@@ -75,8 +92,9 @@ def unlearn(ckpt: Path, forget_dir: Path, retain_dir: Path | None, cfg: Config, 
     forget_samples = cache_samples(loaded, forget_items, "forget", cfg.views, cfg.seed)
     retain_samples = cache_samples(loaded, retain_items, "retain", cfg.views, cfg.seed)
     drop_vision_tower(loaded)
-    forget_batches = make_batches(loaded, forget_samples, cfg.batch_size)
-    retain_batches = make_batches(loaded, retain_samples, cfg.batch_size)
+    compute_dtype(loaded)
+    forget_batches = make_groups(loaded, forget_samples, cfg.batch_size, MICRO_BATCH)
+    retain_batches = make_groups(loaded, retain_samples, cfg.batch_size, MICRO_BATCH)
     # metrics are measured on the pictures themselves, not on their augmented views
     forget_eval = make_batches(loaded, [s for s in forget_samples if s.view == 0], cfg.batch_size)
     retain_eval = make_batches(loaded, [s for s in retain_samples if s.view == 0], cfg.batch_size)
@@ -85,18 +103,19 @@ def unlearn(ckpt: Path, forget_dir: Path, retain_dir: Path | None, cfg: Config, 
     params = master_params(loaded)
     # the original projector, computed once: reference NLLs of every forget view, and the "before"
     # metrics of the pictures themselves (view 0) from the same pass
-    forget_scores = score(loaded, params, forget_batches)
+    forget_micro = [b for group in forget_batches for b in group]
+    forget_scores = score(loaded, params, forget_micro)
     reference = forget_scores["nll"]
     view0 = torch.tensor([s.view == 0 for s in forget_samples], dtype=torch.bool)
     forget_before = {k: v[view0] for k, v in forget_scores.items()}
     retain_before = score(loaded, params, retain_eval)
-    for batch, ref in zip(forget_batches, reference.split([len(b.lengths) for b in forget_batches])):
+    for batch, ref in zip(forget_micro, reference.split([len(b.lengths) for b in forget_micro])):
         batch.ref_nll = ref.to(device)
     phase("reference")
 
     if cfg.mask == "fisher" and retain_samples:
-        forget_fisher = fisher_diagonal(loaded, params, forget_samples, cfg.fisher_samples, cfg.batch_size)
-        retain_fisher = fisher_diagonal(loaded, params, retain_samples, cfg.fisher_samples, cfg.batch_size)
+        forget_fisher = fisher_diagonal(loaded, params, forget_samples, cfg.fisher_samples, FISHER_CHUNK)
+        retain_fisher = fisher_diagonal(loaded, params, retain_samples, cfg.fisher_samples, FISHER_CHUNK)
         mask = saliency_mask(forget_fisher, retain_fisher, cfg.mask_threshold)
     else:
         if cfg.mask == "fisher":

@@ -7,7 +7,7 @@ import torch
 from .config import Config, progress
 from .forward import sequence_nll
 from .kernels import masked_adamw_
-from .objectives import forget_loss, retain_nll, uses_retain
+from .objectives import forget_loss, uses_retain
 
 
 def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, log) -> list[float]:
@@ -17,17 +17,25 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
     losses = []
     bar = progress(range(cfg.steps), desc=f"optimising ({cfg.method})")
     for step in bar:
-        # forget and retain terms are differentiated one after the other and their gradients added:
-        # the same gradient as one backward of their sum, with one batch's activations alive, not two
-        fb = forget_batches[step % len(forget_batches)]
-        loss = forget_loss(cfg.method, sequence_nll(loaded, trainable, fb), fb.ref_nll, fb.lengths, cfg.beta)
-        grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
+        # Each term is a sum over sequences (NPO, SimNPO, GA: mean over the batch of a per-sequence
+        # term; retain: summed NLL over the batch's answer tokens), so its gradient is the sum of its
+        # micro-batches' gradients, each weighted by its share: only one micro-batch's activations
+        # are alive at a time, for the same update.
+        fbs = _steps_batches(forget_batches[step % len(forget_batches)])
+        n_seq = sum(len(b.lengths) for b in fbs)
+        terms = [(b, lambda b: forget_loss(cfg.method, sequence_nll(loaded, trainable, b), b.ref_nll, b.lengths, cfg.beta)
+                  * (len(b.lengths) / n_seq)) for b in fbs]
         if use_retain:
-            rb = retain_batches[step % len(retain_batches)]
-            retain = cfg.retain_weight * retain_nll(sequence_nll(loaded, trainable, rb), rb.lengths)
-            retain_grads = torch.autograd.grad(retain, list(trainable.values()), allow_unused=True)
-            grads = [r if g is None else g if r is None else g + r for g, r in zip(grads, retain_grads)]
-            loss = loss.detach() + retain.detach()
+            rbs = _steps_batches(retain_batches[step % len(retain_batches)])
+            n_tok = float(sum(b.lengths.sum() for b in rbs))
+            terms += [(b, lambda b: cfg.retain_weight * sequence_nll(loaded, trainable, b).sum() / n_tok) for b in rbs]
+        grads, loss = [None] * len(trainable), 0.0
+        for b, term in terms:
+            value = term(b)
+            loss += float(value.detach())
+            if value.requires_grad:  # else a batch without pictures: no projector gradient
+                part = torch.autograd.grad(value, list(trainable.values()), allow_unused=True)
+                grads = [p if g is None else g if p is None else g + p for g, p in zip(grads, part)]
         with torch.no_grad():
             for (n, p), g in zip(trainable.items(), grads):
                 if g is None:
@@ -35,8 +43,13 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
                 exp_avg, exp_avg_sq = state[n]
                 masked_adamw_(p, g, mask[n], exp_avg, exp_avg_sq, step=step + 1, lr=cfg.lr, beta1=0.9,
                               beta2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
-        losses.append(float(loss.detach()))
+        losses.append(loss)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     for p in params.values():
         p.requires_grad_(False)
     return losses
+
+
+def _steps_batches(batch) -> list:
+    """A step's batch: one Batch, or its micro-batches (a list, see batches.make_groups)."""
+    return batch if isinstance(batch, list) else [batch]
