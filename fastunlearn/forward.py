@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def answer_hidden(loaded: Loaded, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
     """Final hidden states at the positions that predict answer tokens, [answer tokens, H]."""
     model = loaded.model
-    embeds = model.get_input_embeddings()(batch.input_ids)
+    embeds = model.get_input_embeddings()(batch.input_ids).to(model.get_output_embeddings().weight.dtype)
     if batch.features is not None:
         projected = project(loaded, params, batch)
         n_slots = int(batch.image_mask.sum())

@@ -26,7 +26,7 @@ import torch
 from . import journal
 from . import safetensors_io as st
 from .batches import make_batches, make_groups
-from .config import Config, pick_device, seed_everything
+from .config import Config, pick_device, seed_everything, trim_heap
 from .data import read_folder
 from .delta import save_delta, tensor_changes
 from .errors import UserError
@@ -54,12 +54,7 @@ def release_free_memory() -> None:
     """Give freed heap pages back to the OS between phases (glibc keeps them otherwise), so that
     one phase's peak does not sit on top of the previous phase's garbage."""
     gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    trim_heap()
 
 
 def unlearn(ckpt: Path, forget_dir: Path, retain_dir: Path | None, cfg: Config, log=logger.info) -> dict:
@@ -92,7 +87,7 @@ def unlearn(ckpt: Path, forget_dir: Path, retain_dir: Path | None, cfg: Config, 
     forget_samples = cache_samples(loaded, forget_items, "forget", cfg.views, cfg.seed)
     retain_samples = cache_samples(loaded, retain_items, "retain", cfg.views, cfg.seed)
     drop_vision_tower(loaded)
-    compute_dtype(loaded)
+    compute_dtype(loaded, embeddings=False)
     forget_batches = make_groups(loaded, forget_samples, cfg.batch_size, MICRO_BATCH)
     retain_batches = make_groups(loaded, retain_samples, cfg.batch_size, MICRO_BATCH)
     # metrics are measured on the pictures themselves, not on their augmented views
@@ -139,7 +134,7 @@ def unlearn(ckpt: Path, forget_dir: Path, retain_dir: Path | None, cfg: Config, 
         "adapter": loaded.adapter.family,
         "model_type": loaded.model.config.model_type,
         "device": str(device),
-        "compute_dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        "compute_dtype": str(loaded.model.get_output_embeddings().weight.dtype).replace("torch.", ""),
         "changes": changes,
         "items": {"forget": forget_items, "retain": retain_items},
         "metrics": {

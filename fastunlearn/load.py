@@ -128,10 +128,20 @@ def _vision_tower(model) -> torch.nn.Module | None:
     return None
 
 
-def compute_dtype(loaded: Loaded) -> None:
-    """The whole model in the compute dtype (fp32 on a CPU; a no-op when already there)."""
-    if loaded.device.type == "cpu":
-        loaded.model.float()
+def compute_dtype(loaded: Loaded, embeddings: bool = True) -> None:
+    """The model in the compute dtype (fp32 on a CPU; a no-op where already there). Without
+    `embeddings`, an untied input embedding table stays as stored: the job only looks rows up
+    (forward.answer_hidden casts them, exactly), and fp32 would double it for nothing."""
+    if loaded.device.type != "cpu":
+        return
+    model = loaded.model
+    keep = model.get_input_embeddings().weight
+    if embeddings or model.get_output_embeddings().weight is keep:
+        model.float()
+        return
+    for t in [*model.parameters(), *model.buffers()]:
+        if t is not keep and t.is_floating_point() and t.dtype != torch.float32:
+            t.data = t.data.float()
 
 
 def _stored_dtype(stored: dict[str, st.TensorInfo]) -> torch.dtype:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .batches import _batch
-from .config import progress
+from .config import progress, trim_heap
 from .features import Sample
 from .forward import sequence_nll
 
@@ -38,6 +38,9 @@ def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, c
         for n, g in zip(copies, grads):
             if g is not None:
                 fisher[n] += (g.float() ** 2).sum(0)
+        del copies, per_sample, nll, grads
+        if loaded.device.type == "cpu":
+            trim_heap()
     return {n: f / len(chosen) for n, f in fisher.items()}
 
 
