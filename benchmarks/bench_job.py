@@ -162,12 +162,13 @@ def llava_7b(tmp_path_factory, demo_world):
     return folder, demo_world[1], demo_world[2]
 
 
-@pytest.mark.parametrize("variant", VARIANTS[:2])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_e2e_cuda_llava_7b(benchmark, llava_7b, variant):
     benchmark.group = "e2e cuda: LLaVA-1.5-7B-sized, 10 steps"
     ckpt, forget, retain = llava_7b
     device = torch.device("cuda")
-    cfg = Config(steps=GPU_STEPS, device="cuda", views=0, batch_size=8, fisher_samples=8, max_new_tokens=8)
+    cfg = Config(steps=GPU_STEPS, device="cuda", views=0, batch_size=8, fisher_samples=8, max_new_tokens=8,
+                 mask="none" if variant.endswith("nomask") else "fisher")
     if variant == "baseline":
         items_f, items_r = read_folder(forget), read_folder(retain)
         for it in items_f + items_r:
