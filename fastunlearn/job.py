@@ -38,11 +38,12 @@ from .optimise import optimise
 from .write import preflight, write_result
 
 logger = logging.getLogger("fastunlearn")
-FISHER_CHUNK = 8  # samples per batched per-sample-gradient pass (bounds its activations)
-MICRO_BATCH = 8  # sequences per forward/backward within an optimisation step (same update, fewer activations)
-# Measured on 2 shared cores, 2 torch threads (16 sequences of 79 tokens, LLaVA-CPU set-up): one
-# forward/backward of 16 took 6.3-7.8 s, 2 x 8 took 9.3-9.7 s, 4 x 4 took 17.5-18.5 s: under
-# contention small passes pay per-op thread synchronisation; 8 bounds memory at half the batch.
+FISHER_CHUNK = 4  # samples per batched per-sample-gradient pass (bounds its activations)
+MICRO_BATCH = 4  # sequences per forward/backward within an optimisation step (same update, fewer activations)
+# Trade-off, measured on 2 shared cores with 2 torch threads (16 sequences of 79 tokens, LLaVA-CPU
+# set-up, one process, alternating): one forward/backward of 16 took 6.3-7.8 s, 2 x 8 9.3-9.7 s,
+# 4 x 4 17.5-18.5 s (contended threads pay per op); yet whole jobs at 40 steps measured 6.8 s/step
+# with 4 and 7.1 s/step with 8, and 8 raised peak RSS from 713 to 787 MB: 4 kept (memory goal).
 
 
 def peak_memory_mb(device: torch.device) -> float:
