@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import dist_samples as shards
 from . import distributed as dist  # issue 12: torchrun data parallelism (identity on one process)
 from . import journal
 from . import safetensors_io as st
@@ -94,30 +95,30 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     loaded = open_checkpoint(ckpt, device)
     phase("load")
 
-    # issue 12: dist.fill_answers / dist.cache_samples / dist.make_batches / dist.score are the
+    # issue 12: shards.fill_answers / shards.cache_samples / shards.make_batches / shards.score are the
     # features / batches / forward functions themselves on one process; under torchrun each rank
     # computes its own pictures' share and holds the others' as stubs
-    requests = [dist.fill_answers(loaded, items, cfg.max_new_tokens) for items in requests]
-    retain_items = dist.fill_answers(loaded, retain_items, cfg.max_new_tokens)
+    requests = [shards.fill_answers(loaded, items, cfg.max_new_tokens) for items in requests]
+    retain_items = shards.fill_answers(loaded, retain_items, cfg.max_new_tokens)
     for d, items in zip(folders, requests):
         if not items:
             raise UserError(f"{d}: the model gives no answer to any forget question; nothing to forget")
     forget_items = [it for items in requests for it in items]
     phase("answers")
-    per_request = [dist.cache_samples(loaded, items, "forget", cfg.views, cfg.seed) for items in requests]
+    per_request = [shards.cache_samples(loaded, items, "forget", cfg.views, cfg.seed) for items in requests]
     forget_samples = [s for samples in per_request for s in samples]
-    retain_samples = dist.cache_samples(loaded, retain_items, "retain", cfg.views, cfg.seed)
+    retain_samples = shards.cache_samples(loaded, retain_items, "retain", cfg.views, cfg.seed)
     # the job's own check (targets.py): one more view of every picture, never trained on
-    forget_check = dist.make_batches(loaded, dist.cache_samples(loaded, forget_items, "check", 0, cfg.seed, cfg.views + 1),
+    forget_check = shards.make_batches(loaded, shards.cache_samples(loaded, forget_items, "check", 0, cfg.seed, cfg.views + 1),
                                      cfg.batch_size)
-    retain_check = dist.make_batches(loaded, dist.cache_samples(loaded, retain_items, "check", 0, cfg.seed, cfg.views + 1),
+    retain_check = shards.make_batches(loaded, shards.cache_samples(loaded, retain_items, "check", 0, cfg.seed, cfg.views + 1),
                                      cfg.batch_size)
     drop_vision_tower(loaded)
-    forget_batches = dist.make_batches(loaded, forget_samples, cfg.batch_size)
-    retain_batches = dist.make_batches(loaded, retain_samples, cfg.batch_size)
+    forget_batches = shards.make_batches(loaded, forget_samples, cfg.batch_size)
+    retain_batches = shards.make_batches(loaded, retain_samples, cfg.batch_size)
     # metrics are measured on the pictures themselves, not on their augmented views
-    forget_eval = dist.make_batches(loaded, [s for s in forget_samples if s.view == 0], cfg.batch_size)
-    retain_eval = dist.make_batches(loaded, [s for s in retain_samples if s.view == 0], cfg.batch_size)
+    forget_eval = shards.make_batches(loaded, [s for s in forget_samples if s.view == 0], cfg.batch_size)
+    retain_eval = shards.make_batches(loaded, [s for s in retain_samples if s.view == 0], cfg.batch_size)
     bounds = [0]
     for samples in per_request:  # each request's pictures: a contiguous run of the evaluated sequences
         bounds.append(bounds[-1] + sum(1 for s in samples if s.view == 0))
@@ -125,9 +126,9 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     phase("cache")
 
     params = master_params(loaded)
-    forget_before, retain_before = dist.score(loaded, params, forget_eval), dist.score(loaded, params, retain_eval)
-    retain_check_before = dist.score(loaded, params, retain_check)
-    reference = dist.score(loaded, params, forget_batches)["nll"]  # the original projector, computed once
+    forget_before, retain_before = shards.score(loaded, params, forget_eval), shards.score(loaded, params, retain_eval)
+    retain_check_before = shards.score(loaded, params, retain_check)
+    reference = shards.score(loaded, params, forget_batches)["nll"]  # the original projector, computed once
     for batch, ref in zip(forget_batches, reference.split([len(b.lengths) for b in forget_batches])):
         batch.ref_nll = ref.to(device)
     phase("reference")
@@ -150,13 +151,13 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     # What will be stored: cast once from fp32; evaluate exactly those values.
     new = {n: params[n].to(loaded.original[n].dtype).cpu() for n in params}
     stored_params = master_params(loaded, new)
-    forget_after = dist.score(loaded, stored_params, forget_eval)
-    retain_after = dist.score(loaded, stored_params, retain_eval)
-    (fb, fb_req), (fa, fa_req) = dist.summaries(forget_before, forget_eval, slices), dist.summaries(forget_after, forget_eval, slices)
-    (rb, _), (ra, _) = dist.summaries(retain_before, retain_eval), dist.summaries(retain_after, retain_eval)
-    (fc, _) = dist.summaries(dist.score(loaded, stored_params, forget_check), forget_check)
-    (rcb, _), (rca, _) = (dist.summaries(retain_check_before, retain_check),
-                          dist.summaries(dist.score(loaded, stored_params, retain_check), retain_check))
+    forget_after = shards.score(loaded, stored_params, forget_eval)
+    retain_after = shards.score(loaded, stored_params, retain_eval)
+    (fb, fb_req), (fa, fa_req) = shards.summaries(forget_before, forget_eval, slices), shards.summaries(forget_after, forget_eval, slices)
+    (rb, _), (ra, _) = shards.summaries(retain_before, retain_eval), shards.summaries(retain_after, retain_eval)
+    (fc, _) = shards.summaries(shards.score(loaded, stored_params, forget_check), forget_check)
+    (rcb, _), (rca, _) = (shards.summaries(retain_check_before, retain_check),
+                          shards.summaries(shards.score(loaded, stored_params, retain_check), retain_check))
     chance = chance_level(forget_items, forget_items + retain_items)
     warnings = missed_targets(fc["greedy_accuracy"], chance, rcb["greedy_accuracy"] if retain_check else None,
                               rca["greedy_accuracy"] if retain_check else None)

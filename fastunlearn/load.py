@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as dist
+from . import dist_samples as shards
 from . import safetensors_io as st
 from .errors import UserError
 from .models import Adapter, adapter_for, stored_projector_names
@@ -96,7 +96,7 @@ def open_checkpoint(ckpt: Path, device: torch.device) -> Loaded:
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{ckpt}: cannot load the model ({str(e).splitlines()[0]})") from None
     model.eval().requires_grad_(False)
-    if not dist.place_sharded(model, device):  # issue 12: FSDP2-sharded LLM under torchrun --shard-llm
+    if not shards.place_sharded(model, device):  # issue 12: FSDP2-sharded LLM under torchrun --shard-llm
         model.to(device)
     processor = adapter.load_processor(ckpt)
 

@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import dist_samples as shards
 from . import distributed as dist
 from .batches import _batch
 from .config import progress
@@ -30,11 +31,11 @@ def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, c
     Memory: `chunk` copies of the projector and their gradients on top of one batch's activations."""
     step = max(1, len(samples) // limit)
     chosen = samples[::step][:limit]
-    total, chosen = len(chosen), dist.local_samples(chosen)  # issue 12: each rank its own share
+    total, chosen = len(chosen), shards.local_samples(chosen)  # issue 12: each rank its own share
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     for i in progress(range(0, len(chosen), chunk), desc="fisher"):
         # issue 12: a sharded LLM runs zero-weight stand-ins in lockstep (their NLL counts 0)
-        part, padding = zip(*(dist.unpad(s) for s in chosen[i : i + chunk]))
+        part, padding = zip(*(shards.unpad(s) for s in chosen[i : i + chunk]))
         with_picture = [j for j, s in enumerate(part) if s.features is not None]
         if not with_picture:  # text only: the projector gets no gradient (still one lockstep pass)
             sequence_nll(loaded, params, _batch(loaded, list(part)))

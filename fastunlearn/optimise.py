@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import dist_samples as shards
 from . import distributed as dist
 from .config import Config, progress
 from .forward import sequence_nll
@@ -19,12 +20,12 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
     bar = progress(range(cfg.steps), desc=f"optimising ({cfg.method})")
     for step in bar:
         fb = forget_batches[step % len(forget_batches)]
-        # issue 12: dist.local_term is term(batch) on one process; under torchrun, this rank's share of it
-        loss = dist.local_term(fb, "seqs", trainable, lambda b: forget_loss(
+        # issue 12: shards.local_term is term(batch) on one process; under torchrun, this rank's share of it
+        loss = shards.local_term(fb, "seqs", trainable, lambda b: forget_loss(
             cfg.method, sequence_nll(loaded, trainable, b), b.ref_nll, b.lengths, cfg.beta))
         if use_retain:
             rb = retain_batches[step % len(retain_batches)]
-            loss = loss + cfg.retain_weight * dist.local_term(rb, "tokens", trainable, lambda b: retain_nll(
+            loss = loss + cfg.retain_weight * shards.local_term(rb, "tokens", trainable, lambda b: retain_nll(
                 sequence_nll(loaded, trainable, b), b.lengths))
         grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
         grads, loss_value = dist.all_reduce_grads(trainable, grads, loss)  # issue 12: identity on one process
