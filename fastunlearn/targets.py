@@ -9,9 +9,10 @@ of the same picture). The targets:
   this image?" that is 1 / number of people);
 - retention: exact-answer accuracy on the retain pictures' unseen views falls by at most 2 points.
 
-An unseen view is weaker evidence than an unseen picture (benchmarks/efficacy.py measures on
-new pictures, where the job does worse), so a clean check is not a proof; a missed one is a
-reason not to ship the result.
+An unseen view is weaker evidence than an unseen picture, most of all for retention: the retain
+term repairs the very pictures the job trains on, so their views recover while new pictures of the
+same people do not (benchmarks/RESULTS.md, issue 9, second round: views +1.6 points while new
+pictures fell 9.7). A clean check is not a proof; a missed one is a reason not to ship the result.
 """
 from __future__ import annotations
 
