@@ -24,6 +24,12 @@ class Config:
     batch_size: int = 16
     weight_decay: float = 0.0
     views: int = 4  # augmented variants of each picture, cached beside it
+    relabel: int = 0  # EXPERIMENT: random other answers per forget sample (0: off)
+    npo_weight: float = 1.0  # EXPERIMENT
+    ogd: float = 0.0  # EXPERIMENT: >0: project updates off the retain gradient span keeping this energy
+    ogd_samples: int = 1000
+    tail: float = 0.0  # EXPERIMENT: >0: return the average of the iterates over the last `tail` fraction of steps
+    margin: float = 0.0  # EXPERIMENT: >0: forget loss softplus(margin - (nll_true - nll_distractor)) (relabel=1 aligned)
     max_new_tokens: int = 32
     device: str = "auto"
     seed: int = 0

@@ -74,6 +74,25 @@ def forget_folders(forget_dir) -> list[Path]:
     return out
 
 
+def relabelled(loaded, forget_items, retain_items, cfg):
+    """EXPERIMENT: each forget item with `cfg.relabel` random other answers to the same question."""
+    import random
+    from dataclasses import replace as copy
+    rng = random.Random(cfg.seed)
+    by_question = {}
+    for it in retain_items:
+        by_question.setdefault(it.question, set()).add(it.answer)
+    items = []
+    for it in forget_items:
+        pool = sorted(by_question.get(it.question, set()) - {it.answer})
+        for _ in range(cfg.relabel if pool else 0):
+            items.append(copy(it, answer=rng.choice(pool)))
+    samples = shards.cache_samples(loaded, items, "relabelled", cfg.views, cfg.seed)
+    if not cfg.margin:
+        rng.shuffle(samples)
+    return samples
+
+
 def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=logger.info) -> dict:
     """Run the job in memory. Returns the result: the changes to write and everything for the report.
     `forget_dir`: one folder, or several (one erasure request each: one load, one cache, one write)."""
@@ -113,6 +132,9 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
                                      cfg.batch_size)
     retain_check = shards.make_batches(loaded, shards.cache_samples(loaded, retain_items, "check", 0, cfg.seed, cfg.views + 1),
                                      cfg.batch_size)
+    relabel_batches = []
+    if cfg.relabel and retain_items:
+        relabel_batches = shards.make_batches(loaded, relabelled(loaded, forget_items, retain_items, cfg), cfg.batch_size)
     drop_vision_tower(loaded)
     forget_batches = shards.make_batches(loaded, forget_samples, cfg.batch_size)
     retain_batches = shards.make_batches(loaded, retain_samples, cfg.batch_size)
@@ -143,8 +165,14 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
         mask = {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
     phase("mask")
 
+    basis = None
+    if cfg.ogd and retain_samples:
+        from .mask import retain_basis
+        basis = retain_basis(loaded, params, retain_samples, cfg.ogd_samples, cfg.ogd)
+        log(f"retain basis: {basis.shape[0]} of {basis.shape[1]} directions")
+        print(f"retain basis: {basis.shape[0]} of {basis.shape[1]} directions")
     dist.test_die("optimise")
-    losses = optimise(loaded, params, mask, forget_batches, retain_batches, cfg, log)
+    losses = optimise(loaded, params, mask, forget_batches, retain_batches, cfg, log, relabel_batches, basis)
     same_state = dist.same_state(params)  # issue 12: rank 0's projector on every rank, checked
     phase("optimise")
 

@@ -80,3 +80,23 @@ def saliency_mask(forget: dict, retain: dict, threshold: float) -> dict[str, tor
     total_f = sum(float(f.sum()) for f in forget.values()) or 1.0
     total_r = sum(float(r.sum()) for r in retain.values()) or 1.0
     return {n: (forget[n] / total_f + eps) / (retain[n] / total_r + eps) >= threshold for n in forget}
+
+
+def retain_basis(loaded, params, samples, limit: int, energy: float, chunk: int = FISHER_CHUNK) -> torch.Tensor:
+    """EXPERIMENT: orthonormal rows spanning `energy` of the per-sample answer-NLL gradients of the retain samples."""
+    step = max(1, len(samples) // limit)
+    chosen = samples[::step][:limit]
+    rows = []
+    for i in range(0, len(chosen), chunk):
+        part = chosen[i : i + chunk]
+        copies = {n: p.detach().expand(len(part), *p.shape).clone().requires_grad_(True) for n, p in params.items()}
+        per_picture = [{n: c[k] for n, c in copies.items()} for k in range(len(part))]
+        nll = sequence_nll(loaded, per_picture, _batch(loaded, list(part)))
+        grads = torch.autograd.grad(nll.sum(), list(copies.values()), allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(c)).reshape(len(part), -1).float()
+                               for g, c in zip(grads, copies.values())], 1))
+    g = torch.cat(rows)
+    g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)  # directions, each sample counted once
+    _, sv, vh = torch.linalg.svd(g, full_matrices=False)
+    kept = int((torch.cumsum(sv**2, 0) / (sv**2).sum() < energy).sum()) + 1
+    return vh[:kept]

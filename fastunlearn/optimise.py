@@ -12,17 +12,27 @@ from .kernels import masked_adamw_
 from .objectives import forget_loss, retain_nll, uses_retain
 
 
-def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, log) -> list[float]:
+def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, log, relabel_batches=(), basis=None) -> list[float]:
     trainable = {n: p.requires_grad_(True) for n, p in params.items()}
     state = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
     use_retain = bool(retain_batches) and uses_retain(cfg.method)
     losses = []
+    first_avg = int(cfg.steps * (1 - cfg.tail)) if cfg.tail else None
+    avg = {n: torch.zeros_like(p) for n, p in params.items()} if cfg.tail else None
     bar = progress(range(cfg.steps), desc=f"optimising ({cfg.method})")
     for step in bar:
         fb = forget_batches[step % len(forget_batches)]
         # issue 12: shards.local_term is term(batch) on one process; under torchrun, this rank's share of it
         loss = shards.local_term(fb, "seqs", trainable, lambda b: forget_loss(
-            cfg.method, sequence_nll(loaded, trainable, b), b.ref_nll, b.lengths, cfg.beta))
+            cfg.method, sequence_nll(loaded, trainable, b), b.ref_nll, b.lengths, cfg.beta)) * cfg.npo_weight
+        if relabel_batches and cfg.margin:
+            lb = relabel_batches[step % len(relabel_batches)]
+            gap = sequence_nll(loaded, trainable, fb) - sequence_nll(loaded, trainable, lb)
+            loss = torch.nn.functional.softplus(cfg.margin - gap).mean()
+        elif relabel_batches:
+            lb = relabel_batches[step % len(relabel_batches)]
+            loss = loss + shards.local_term(lb, "tokens", trainable, lambda b: retain_nll(
+                sequence_nll(loaded, trainable, b), b.lengths))
         if use_retain:
             rb = retain_batches[step % len(retain_batches)]
             loss = loss + cfg.retain_weight * shards.local_term(rb, "tokens", trainable, lambda b: retain_nll(
@@ -30,14 +40,28 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
         grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
         grads, loss_value = dist.all_reduce_grads(trainable, grads, loss)  # issue 12: identity on one process
         with torch.no_grad():
+            before = torch.cat([p.reshape(-1) for p in trainable.values()]) if basis is not None else None
             for (n, p), g in zip(trainable.items(), grads):
                 if g is None:
                     continue
                 exp_avg, exp_avg_sq = state[n]
                 masked_adamw_(p, g, mask[n], exp_avg, exp_avg_sq, step=step + 1, lr=cfg.lr, beta1=0.9,
                               beta2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
+            if basis is not None:
+                delta = torch.cat([p.reshape(-1) for p in trainable.values()]) - before
+                delta -= basis.T @ (basis @ delta)
+                new, at = before + delta, 0
+                for p in trainable.values():
+                    p.copy_(new[at : at + p.numel()].view_as(p)); at += p.numel()
+        if avg is not None and step >= first_avg:
+            with torch.no_grad():
+                for n, p in trainable.items():
+                    avg[n] += p / (cfg.steps - first_avg)
         losses.append(loss_value)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     for p in params.values():
         p.requires_grad_(False)
+    if avg is not None:
+        for n, p in params.items():
+            p.copy_(avg[n])
     return losses
