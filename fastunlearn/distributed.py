@@ -8,7 +8,8 @@ identity: a plain run is unchanged, bit for bit.
 
 With N > 1 ranks:
 - every rank reads the folders (validation is cheap) and agrees with the others on its inputs
-  (`agree`: an all-gather of sha256 fingerprints of the checkpoint, the folders and the options)
+  (`agree`: an all-gather of sha256 fingerprints of the checkpoint, the folders and the options,
+  fingerprints.py)
   before any model is loaded; a rank that cannot start (busy checkpoint, bad destination) stops
   every rank there with the same line;
 - pictures are owned round-robin (picture k -> rank k % N): a rank answers, caches and computes
@@ -35,12 +36,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import json
 import os
 import signal
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -266,63 +265,6 @@ def all_reduce_sum(tensors: dict[str, torch.Tensor], what="summing the Fisher st
 # input agreement
 
 
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-SAMPLE_BLOCKS, BLOCK = 64, 64 << 10
-WHOLE_FILE_LIMIT = 64 << 20
-
-
-def fingerprint_checkpoint(ckpt: Path) -> str:
-    """sha256 over the checkpoint folder: every small file whole; each weight file's size, header
-    and, beyond 64 MiB, 64 blocks of 64 KiB spread over it. Hashing a 146 GB checkpoint whole on every
-    rank would take minutes, so a difference in a large weight file outside those blocks and the
-    header is not seen here (rank 0 still checks, before writing, that the projector bytes it
-    replaces are the ones it started from)."""
-    from . import safetensors_io as st
-
-    ckpt = Path(ckpt)
-    h = hashlib.sha256()
-    weights = {p.resolve() for p in st.weight_files(ckpt)}
-    for path in sorted(p for p in ckpt.rglob("*") if p.is_file()):
-        rel = str(path.relative_to(ckpt))
-        if rel == "unlearning_report.json" or path.name.startswith(".fastunlearn"):  # the report, the journal
-            continue
-        size = path.stat().st_size
-        h.update(f"{rel}\0{size}\0".encode())
-        if path.resolve() not in weights or size <= WHOLE_FILE_LIMIT:
-            h.update(_sha_file(path).encode())
-            continue
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            h.update(f.read(min(header_len, 100 << 20)))
-            for k in range(SAMPLE_BLOCKS):
-                f.seek(k * (size - BLOCK) // (SAMPLE_BLOCKS - 1))
-                h.update(f.read(BLOCK))
-    return h.hexdigest()
-
-
-def fingerprint_folder(folder: Path | None) -> str | None:
-    """sha256 of a data folder's contents: each regular file's relative path and bytes."""
-    if folder is None:
-        return None
-    folder = Path(folder)
-    if not folder.is_dir():
-        return "missing"
-    h = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and not path.is_symlink():
-            h.update(f"{path.relative_to(folder)}\0{_sha_file(path)}\n".encode())
-        elif path.is_symlink():
-            h.update(f"{path.relative_to(folder)}\0link\0{os.readlink(path)}\n".encode())
-    return h.hexdigest()
-
-
 def agree(inputs: dict, problem: UserError | None = None) -> None:
     """Every rank states its inputs' fingerprints (and whether it could start); all stop, before any
     work, unless all could start and all fingerprints equal rank 0's. `inputs` maps a name to a
@@ -352,13 +294,6 @@ def agree(inputs: dict, problem: UserError | None = None) -> None:
         if differ:
             raise UserError(f"rank {r}'s inputs differ from rank 0's ({', '.join(differ)}): every rank must get the "
                             "same checkpoint bytes, folders and options; nothing was done")
-
-
-def config_fingerprint(cfg, **options) -> str:
-    from dataclasses import asdict
-
-    return hashlib.sha256(json.dumps({**asdict(cfg), **{k: str(v) for k, v in options.items()}},
-                                     sort_keys=True).encode()).hexdigest()
 
 
 def all_reduce_grads(params: dict, grads, loss) -> tuple[list, float]:

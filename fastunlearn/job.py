@@ -32,6 +32,7 @@ from .data import read_folder
 from .delta import save_delta, tensor_changes
 from .errors import UserError
 from .features import drop_vision_tower
+from .fingerprints import config_fingerprint, fingerprint_checkpoint, fingerprint_folder
 from .load import check_weights_match_config, master_params, open_checkpoint
 from .mask import fisher_diagonal, saliency_mask
 from .optimise import optimise
@@ -245,10 +246,10 @@ def _apply(ckpt, forget_dir, retain_dir, out, report_path, delta_path, dry_run, 
         except UserError as e:
             problem = e
         # issue 12: every rank could start and got the same inputs, or every rank stops here
-        dist.agree({"checkpoint": lambda: dist.fingerprint_checkpoint(ckpt),
-                    "forget": lambda: [dist.fingerprint_folder(d) for d in folders],
-                    "retain": lambda: dist.fingerprint_folder(retain_dir),
-                    "options": lambda: dist.config_fingerprint(cfg, out=out, dry_run=dry_run, delta=delta_path,
+        dist.agree({"checkpoint": lambda: fingerprint_checkpoint(ckpt),
+                    "forget": lambda: [fingerprint_folder(d) for d in folders],
+                    "retain": lambda: fingerprint_folder(retain_dir),
+                    "options": lambda: config_fingerprint(cfg, out=out, dry_run=dry_run, delta=delta_path,
                                                                report=report_path)}, problem)
 
         result = unlearn(ckpt, folders, Path(retain_dir) if retain_dir else None, cfg, log)
