@@ -33,6 +33,8 @@ def test_apply_warns_when_its_own_check_misses(variant, folders):
     assert check["forget_after"] > check["chance"] + 0.05
     assert any(n.startswith("WARNING: forgetting missed its target") for n in notes), notes
     assert check["warnings"] and all(f"WARNING: {w}" in notes for w in check["warnings"])
+    # the retain check cannot see new pictures: apply says so and names the gate that can
+    assert any(n.startswith("note: retention was checked on new views") and "--max-retain-drop" in n for n in notes)
 
 
 def test_a_successful_erasure_passes_its_check(variant, folders):
