@@ -64,6 +64,10 @@ FORGET_PICTURES, RETAIN_PICTURES, HELDOUT_PICTURES = 6, 2, 10
 VARIANTS = {
     "default": {},
     "NPO, no mask": {"mask": "none"},
+    # the published methods' objectives on the same projector-only job (whole-model rows: compare.py)
+    "GA": {"method": "ga"},
+    "GradDiff": {"method": "graddiff"},
+    "SimNPO": {"method": "simnpo"},
 }
 
 
