@@ -105,9 +105,10 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
             raise UserError(f"{d}: the model gives no answer to any forget question; nothing to forget")
     forget_items = [it for items in requests for it in items]
     phase("answers")
-    per_request = [shards.cache_samples(loaded, items, "forget", cfg.views, cfg.seed) for items in requests]
+    # the check view (below) goes through the tower in the same call as the picture's other views
+    per_request = [shards.cache_samples(loaded, items, "forget", cfg.views, cfg.seed, extra_views=1) for items in requests]
     forget_samples = [s for samples in per_request for s in samples]
-    retain_samples = shards.cache_samples(loaded, retain_items, "retain", cfg.views, cfg.seed)
+    retain_samples = shards.cache_samples(loaded, retain_items, "retain", cfg.views, cfg.seed, extra_views=1)
     # the job's own check (targets.py): one more view of every picture, never trained on
     forget_check = shards.make_batches(loaded, shards.cache_samples(loaded, forget_items, "check", 0, cfg.seed, cfg.views + 1),
                                      cfg.batch_size)

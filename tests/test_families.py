@@ -230,3 +230,14 @@ def test_batched_fisher_equals_the_per_sample_loop(family, tiny, data):
     for name in expected:
         scale = float(expected[name].abs().max()) or 1.0
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_views_in_one_tower_call_give_each_views_features(family, tiny, data):
+    loaded = open_checkpoint(tiny(family), torch.device("cpu"))
+    image = sorted((data / "forget").rglob("*.png"))[0]
+    pixels = [_pixels(loaded, image, view, seed=0) for view in range(3)]
+    together = loaded.adapter.vision_features_batch(loaded.model, pixels)
+    assert len(together) == len(pixels)
+    for got, pixel in zip(together, pixels):
+        torch.testing.assert_close(got, loaded.adapter.vision_features(loaded.model, pixel), rtol=1e-5, atol=1e-5)

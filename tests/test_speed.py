@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastunlearn.data import Item, read_folder
-from fastunlearn.features import cache_samples, drop_vision_tower
+from fastunlearn.features import _pixels, cache_samples, drop_vision_tower
 from fastunlearn.load import master_params, open_checkpoint
 from fastunlearn.mask import fisher_diagonal, fisher_diagonal_loop
 
@@ -28,3 +28,20 @@ def test_batched_fisher_equals_the_per_sample_loop(family, variant, folders):
             scale = float(expected[name].abs().max())
             assert scale > 0, name
             torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_llava_features_run_the_tower_only_up_to_the_layer_read(variant, folders):
+    loaded = open_checkpoint(variant("llava"), torch.device("cpu"))
+    model, image = loaded.model, sorted((folders / "forget").rglob("*.png"))[0]
+    pixels = [_pixels(loaded, image, view, seed=0) for view in range(3)]
+    calls = []
+    last = model.model.vision_tower.encoder.layers[-1]
+    handle = last.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        got = loaded.adapter.vision_features_batch(model, pixels)
+    finally:
+        handle.remove()
+    assert model.config.vision_feature_layer == -2 and not calls  # the last layer never ran
+    for features, pixel in zip(got, pixels):  # the full tower's hidden_states[-2], CLS dropped
+        full = model.model.vision_tower(pixel["pixel_values"], output_hidden_states=True).hidden_states[-2][0, 1:]
+        torch.testing.assert_close(features, full, rtol=1e-5, atol=1e-5)
