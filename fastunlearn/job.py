@@ -127,9 +127,13 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     phase("cache")
 
     params = master_params(loaded)
-    forget_before, retain_before = shards.score(loaded, params, forget_eval), shards.score(loaded, params, retain_eval)
-    retain_check_before = shards.score(loaded, params, retain_check)
-    reference = shards.score(loaded, params, forget_batches)["nll"]  # the original projector, computed once
+    # the original projector, computed once: the reference NLL of every forget view, and from the same
+    # pass the forget "before" metrics (the pictures themselves, view 0, in forget_eval's order)
+    forget_scores = shards.score(loaded, params, forget_batches)
+    reference = forget_scores["nll"]
+    view0 = torch.tensor([s.view == 0 for s in forget_samples if not isinstance(s, shards.RemoteSample)], dtype=torch.bool)
+    forget_before = {k: v[view0] for k, v in forget_scores.items()}
+    retain_before, retain_check_before = shards.score(loaded, params, retain_eval), shards.score(loaded, params, retain_check)
     for batch, ref in zip(forget_batches, reference.split([len(b.lengths) for b in forget_batches])):
         batch.ref_nll = ref.to(device)
     phase("reference")

@@ -45,3 +45,21 @@ def test_llava_features_run_the_tower_only_up_to_the_layer_read(variant, folders
     for features, pixel in zip(got, pixels):  # the full tower's hidden_states[-2], CLS dropped
         full = model.model.vision_tower(pixel["pixel_values"], output_hidden_states=True).hidden_states[-2][0, 1:]
         torch.testing.assert_close(features, full, rtol=1e-5, atol=1e-5)
+
+
+def test_forget_before_metrics_from_the_reference_pass_equal_a_pass_over_the_pictures(variant, folders):
+    from fastunlearn.batches import make_batches
+    from fastunlearn.config import Config
+    from fastunlearn.forward import score, summarize
+    from fastunlearn.job import unlearn
+
+    result = unlearn(variant("llava"), folders / "forget", folders / "retain",
+                     Config(steps=1, views=2, batch_size=3, mask="none", device="cpu"), log=print)
+    loaded = open_checkpoint(variant("llava"), torch.device("cpu"))
+    samples = cache_samples(loaded, result["items"]["forget"], "forget")  # the pictures themselves, view 0
+    batches = make_batches(loaded, samples, 5)
+    expected = summarize(score(loaded, master_params(loaded), batches), batches)
+    got = result["metrics"]["forget"]["before"]
+    assert got["items"] == expected["items"] == len(samples) and got["answer_tokens"] == expected["answer_tokens"]
+    assert got["mean_token_nll"] == pytest.approx(expected["mean_token_nll"], rel=1e-5)
+    assert got["greedy_accuracy"] == expected["greedy_accuracy"]
