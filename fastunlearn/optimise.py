@@ -6,7 +6,7 @@ import torch
 
 from . import dist_samples as shards
 from . import distributed as dist
-from .config import Config, progress
+from .config import Config, progress, trim_heap
 from .forward import sequence_nll
 from .kernels import masked_adamw_
 from .objectives import forget_loss, retain_nll, uses_retain
@@ -37,6 +37,8 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
                 masked_adamw_(p, g, mask[n], exp_avg, exp_avg_sq, step=step + 1, lr=cfg.lr, beta1=0.9,
                               beta2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
         losses.append(loss_value)
+        if loaded.device.type == "cpu":
+            trim_heap()  # see config.trim_heap: the peak stays at one step's activations
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     for p in params.values():
         p.requires_grad_(False)

@@ -241,3 +241,30 @@ def test_views_in_one_tower_call_give_each_views_features(family, tiny, data):
     assert len(together) == len(pixels)
     for got, pixel in zip(together, pixels):
         torch.testing.assert_close(got, loaded.adapter.vision_features(loaded.model, pixel), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["paligemma", "gemma3", "vipllava", "qwen2_5_vl", "mllama", "idefics3"])
+def test_loaded_as_stored_then_cast_equals_loaded_in_fp32(family, tiny):
+    """bf16 shards loaded as stored, the LLM cast later, the input embedding table kept as stored:
+    every tensor (and every embedding lookup) is what loading straight to fp32 gives."""
+    from transformers import AutoModelForImageTextToText
+
+    from fastunlearn.load import compute_dtype
+
+    src = tiny(family, torch.bfloat16)
+    expected = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32)
+    loaded = open_checkpoint(src, torch.device("cpu"), llm_later=True)
+    lm_head = loaded.model.get_output_embeddings().weight
+    # the LLM waits for compute_dtype; Gemma's embed_scale, computed when built, makes it load in fp32
+    assert lm_head.dtype == (torch.float32 if "gemma" in family else torch.bfloat16)
+    compute_dtype(loaded, keep_embeddings=True)
+    table = loaded.model.get_input_embeddings()
+    got = {**dict(loaded.model.named_parameters()), **dict(loaded.model.named_buffers())}
+    for name, t in {**dict(expected.named_parameters()), **dict(expected.named_buffers())}.items():
+        if got[name] is table.weight and type(table) is torch.nn.Embedding:
+            assert t.dtype == torch.float32 and got[name].dtype == torch.bfloat16, name  # kept as stored
+        else:
+            assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    ids = torch.arange(min(50, table.num_embeddings))[None]
+    out = table(ids)
+    assert out.dtype == torch.float32 and torch.equal(out, expected.get_input_embeddings()(ids))
