@@ -15,7 +15,7 @@ import tiny_families as tf
 from fastunlearn import safetensors_io as st
 from fastunlearn.worlds import people as world
 from fastunlearn.cli import main
-from fastunlearn.data import Item
+from fastunlearn.data import Item, read_folder
 from fastunlearn.batches import make_batches
 from fastunlearn.features import _pixels, cache_samples, greedy_answers
 from fastunlearn.forward import answer_hidden
@@ -268,3 +268,28 @@ def test_loaded_as_stored_then_cast_equals_loaded_in_fp32(family, tiny):
     ids = torch.arange(min(50, table.num_embeddings))[None]
     out = table(ids)
     assert out.dtype == torch.float32 and torch.equal(out, expected.get_input_embeddings()(ids))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_answer_rows_only_in_the_last_layer_give_the_same_nll_and_gradient(family, tiny, data, monkeypatch):
+    from fastunlearn import forward
+
+    loaded = open_checkpoint(tiny(family), torch.device("cpu"))
+    items = read_folder(data / "forget")[:2] + [Item(None, "What is the job of Ada?", "baker", "")]
+    batch = make_batches(loaded, cache_samples(loaded, items, "test"), 8)[0]
+    seen = []  # rows the last layer's MLP computes (this hook runs before the one that scatters them)
+    layer = forward.last_decoder_layer(loaded.model)
+    layer.mlp.register_forward_hook(lambda m, args, out: seen.append((out[0] if isinstance(out, tuple) else out).shape[:-1].numel()))
+    results = []
+    for parts in (forward.PER_TOKEN_PARTS, ()):  # the answer rows only; then the whole layer
+        monkeypatch.setattr(forward, "PER_TOKEN_PARTS", parts)
+        params = {n: p.requires_grad_(True) for n, p in master_params(loaded).items()}
+        nll = forward.sequence_nll(loaded, params, batch)
+        results.append((nll.detach(), torch.autograd.grad(nll.sum(), list(params.values()), allow_unused=True)))
+    assert seen == [len(batch.answer_rows), batch.input_ids.numel()]
+    (nll, grads), (expected_nll, expected_grads) = results
+    torch.testing.assert_close(nll, expected_nll, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, expected_grads):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6 * max(1.0, float(e.abs().max())))
