@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .load import Loaded
 
 
-FISHER_CHUNK = 4  # samples per batched per-sample-gradient pass (bounds its activations)
+FISHER_CHUNK = 8  # samples per batched per-sample-gradient pass (bounds its activations: as optimise.STEP_PASS)
 
 
 def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, chunk: int = FISHER_CHUNK

@@ -63,3 +63,29 @@ def test_forget_before_metrics_from_the_reference_pass_equal_a_pass_over_the_pic
     assert got["items"] == expected["items"] == len(samples) and got["answer_tokens"] == expected["answer_tokens"]
     assert got["mean_token_nll"] == pytest.approx(expected["mean_token_nll"], rel=1e-5)
     assert got["greedy_accuracy"] == expected["greedy_accuracy"]
+
+
+@pytest.mark.parametrize("method", ["npo", "simnpo", "ga", "graddiff"])
+def test_a_step_in_one_or_several_passes_has_the_loss_and_gradient_of_its_two_terms(method, variant, folders):
+    from fastunlearn.batches import make_batches
+    from fastunlearn.config import Config
+    from fastunlearn.forward import score, sequence_nll
+    from fastunlearn.objectives import forget_loss, retain_nll, uses_retain
+    from fastunlearn.optimise import step_gradients
+
+    loaded, samples = samples_of("llava", variant, folders, views=0)
+    cfg = Config(method=method, beta=0.5, retain_weight=3.0)
+    fb, rb = make_batches(loaded, samples[:5], 8)[0], make_batches(loaded, samples[5:], 8)[0]
+    params = master_params(loaded)
+    fb.ref_nll = score(loaded, params, [fb])["nll"] + 0.3  # the reference differs from the current NLL
+    rb = rb if uses_retain(method) else None
+    trainable = {n: p.requires_grad_(True) for n, p in params.items()}
+    loss = forget_loss(method, sequence_nll(loaded, trainable, fb), fb.ref_nll, fb.lengths, cfg.beta)
+    if rb is not None:
+        loss = loss + cfg.retain_weight * retain_nll(sequence_nll(loaded, trainable, rb), rb.lengths)
+    expected = torch.autograd.grad(loss, list(trainable.values()))
+    for per_pass in (16, 4, 1):  # one pass; passes mixing forget and retain; one sequence (or text-only) a pass
+        grads, value = step_gradients(loaded, trainable, fb, rb, cfg, per_pass)
+        assert value == pytest.approx(float(loss), rel=1e-5, abs=1e-6)
+        for g, e in zip(grads, expected):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6 * float(e.abs().max()))
