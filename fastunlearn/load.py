@@ -118,6 +118,8 @@ def open_checkpoint(ckpt: Path, device: torch.device, llm_later: bool = False) -
         language_model = getattr(model.model, "language_model", getattr(model.model, "text_model", None))
         later = [language_model, model.get_output_embeddings()] if llm_later and language_model is not None else []
         _to_fp32(model, {id(t) for m in later for t in [*m.parameters(), *m.buffers()]})
+        if model.dtype != torch.float32:  # family code casts inputs to `model.dtype` (its first parameter's)
+            _to_fp32(model, set())
     return loaded
 
 
@@ -150,6 +152,9 @@ def compute_dtype(loaded: Loaded, keep_embeddings: bool = False) -> None:
     plain = type(table) is torch.nn.Embedding and table.weight is not model.get_output_embeddings().weight
     keep = {id(table.weight)} if keep_embeddings and plain else set()
     _to_fp32(model, keep)
+    if model.dtype != torch.float32:  # the table is the first parameter: family code casts inputs to its dtype
+        keep = set()
+        _to_fp32(model, keep)
     if keep and not getattr(table, "_fastunlearn_cast", False):
         table.register_forward_hook(lambda module, args, output: output.float())
         table._fastunlearn_cast = True

@@ -257,8 +257,10 @@ def test_loaded_as_stored_then_cast_equals_loaded_in_fp32(family, tiny):
     lm_head = loaded.model.get_output_embeddings().weight
     # the LLM waits for compute_dtype; Gemma's embed_scale, computed when built, makes it load in fp32
     assert lm_head.dtype == (torch.float32 if "gemma" in family else torch.bfloat16)
+    assert loaded.model.dtype == torch.float32  # what family code casts its inputs to
     compute_dtype(loaded, keep_embeddings=True)
     table = loaded.model.get_input_embeddings()
+    assert loaded.model.dtype == torch.float32
     got = {**dict(loaded.model.named_parameters()), **dict(loaded.model.named_buffers())}
     for name, t in {**dict(expected.named_parameters()), **dict(expected.named_buffers())}.items():
         if got[name] is table.weight and type(table) is torch.nn.Embedding:
