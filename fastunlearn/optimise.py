@@ -14,7 +14,7 @@ from .objectives import forget_loss, retain_nll, uses_retain
 
 # Sequences per LLM pass within a step (forget and retain together, see `step_gradients`). Measured on
 # the CPU LLaVA of benchmarks/bench_e2e.py (16 sequences of 79 tokens a step, 2 threads): one pass of
-# 16 took 0.58 s, 2 x 8 0.63 s, 4 x 4 0.76 s on idle cores (9x, 16x, 26x that under contention, where
+# 16 took 0.58 s, 2 x 8 0.63 s, 4 x 4 0.76 s on idle cores (7.6x, 12x, 20x that under contention, where
 # every op pays), and the job's peak RSS was 918 MB with 16, 785 MB with 8: 8 keeps the peak near
 # half the naive job's.
 STEP_PASS = 8
