@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 
 
 class BatchFeatures:
-    """A batch's features, concatenated from disk on each use (see SpilledFeatures)."""
+    """A batch's features, concatenated on each use: read from disk (see SpilledFeatures), or on a CPU
+    from the cache itself (a batch does not hold a second copy of its pictures' features)."""
 
     def __init__(self, parts: list, device: torch.device):
         self.parts, self.device = parts, device
@@ -37,6 +38,7 @@ class Batch:
     targets: torch.Tensor  # answer token ids, one per row
     answer_seq: torch.Tensor  # which sequence each answer row belongs to
     lengths: torch.Tensor  # answer tokens per sequence (float)
+    samples: list[Sample]  # what the batch was made of (optimise re-batches a step's sequences)
     ref_nll: torch.Tensor | None = None
 
 
@@ -61,8 +63,8 @@ def _batch(loaded: Loaded, samples: list[Sample]) -> Batch:
         seq.append(torch.full((n - s.answer_start,), b))
     image_mask = input_ids == model.config.image_token_id
     features = [s.features for s in samples if s.features is not None]
-    if any(isinstance(f, SpilledFeatures) for f in features):
-        features_in = BatchFeatures(features, device)  # read from disk when used
+    if features and (device.type == "cpu" or any(isinstance(f, SpilledFeatures) for f in features)):
+        features_in = BatchFeatures(features, device)  # concatenated when used: from disk, or (CPU) not held twice
     else:
         features_in = torch.cat(features).to(device) if features else None
     grids = [s.grid for s in samples]
@@ -80,4 +82,5 @@ def _batch(loaded: Loaded, samples: list[Sample]) -> Batch:
         targets=torch.cat(targets).to(device),
         answer_seq=seq.to(device),
         lengths=torch.bincount(seq, minlength=len(samples)).float().to(device),
+        samples=list(samples),
     )

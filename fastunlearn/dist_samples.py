@@ -58,19 +58,19 @@ def fill_answers(loaded, items, max_new_tokens):
     return [it for it in items if it.answer]
 
 
-def cache_samples(loaded, items, desc, views=0, seed=0, first_view=0) -> list:
+def cache_samples(loaded, items, desc, views=0, seed=0, first_view=0, extra_views=0) -> list:
     """features.cache_samples over this rank's pictures; the other ranks' samples as RemoteSample,
     in the single-process order."""
     from .features import cache_samples as cache
 
     if dist._state is None:
-        return cache(loaded, items, desc, views, seed, first_view)
+        return cache(loaded, items, desc, views, seed, first_view, extra_views)
     owners = _owners(items)
     local, meta = {}, []
     for i, item in enumerate(items):
         if owners[i] != dist.rank():
             continue
-        for j, s in enumerate(cache(loaded, [item], desc, views, seed, first_view)):
+        for j, s in enumerate(cache(loaded, [item], desc, views, seed, first_view, extra_views)):
             local[i, j] = s
             if dist._state.dummy is None:
                 dist._state.dummy = s

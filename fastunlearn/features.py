@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 FEATURE_MEMORY_MB = 2048  # cached vision features kept in memory; beyond it they go to a temporary folder
 
 
-PIXEL_CACHE_PICTURES = 8  # processed pictures kept for reuse (a picture's questions and views come together)
+PIXEL_CACHE_PICTURES = 8  # processed views kept for reuse (a picture's questions and views come together)
 
 
 def feature_budget_bytes() -> int:
@@ -138,25 +138,31 @@ def fill_answers(loaded: Loaded, items: list[Item], max_new_tokens: int) -> list
 
 @torch.no_grad()
 def cache_samples(loaded: Loaded, items: list[Item], desc: str, views: int = 0, seed: int = 0,
-                  first_view: int = 0) -> list[Sample]:
+                  first_view: int = 0, extra_views: int = 0) -> list[Sample]:
     """Encode items and compute the vision features of each picture (and of `views` augmented
     variants of it, each a sample of its own) once. Views are numbered from `first_view` (0: the
-    picture itself)."""
+    picture itself). A picture's views go through the tower in one call, together with the next
+    `extra_views` views, whose features are only cached (for a later call that samples them)."""
     adapter, model = loaded.adapter, loaded.model
     if loaded.feature_cache is None:
         loaded.feature_cache = FeatureCache(feature_budget_bytes())
     samples = []
     for item in progress(items, desc=f"caching {desc} features"):
-        for view in range(first_view, first_view + 1 + views) if item.image is not None else [0]:
-            pixel = features = grid = None
-            if item.image is not None:
-                pixel = _pixels(loaded, item.image, view, seed)
-                if (item.image, view) not in loaded.feature_cache:
-                    loaded.feature_cache[item.image, view] = adapter.vision_features(model, pixel)
-                features = loaded.feature_cache[item.image, view]
-                grid = {k: v for k, v in pixel.items() if k != "pixel_values"}
+        if item.image is None:
+            enc = adapter.encode(loaded.processor, model.config, None, item.question, item.answer)
+            samples.append(Sample(enc.input_ids, enc.answer_start, None, None, 0))
+            continue
+        sampled = range(first_view, first_view + 1 + views)
+        todo = [v for v in range(first_view, sampled.stop + extra_views) if (item.image, v) not in loaded.feature_cache]
+        if todo:
+            computed = adapter.vision_features_batch(model, [_pixels(loaded, item.image, v, seed) for v in todo])
+            for view, features in zip(todo, computed):
+                loaded.feature_cache[item.image, view] = features
+        for view in sampled:
+            pixel = _pixels(loaded, item.image, view, seed)
+            grid = {k: v for k, v in pixel.items() if k != "pixel_values"}
             enc = adapter.encode(loaded.processor, model.config, pixel, item.question, item.answer)
-            samples.append(Sample(enc.input_ids, enc.answer_start, features, grid, view))
+            samples.append(Sample(enc.input_ids, enc.answer_start, loaded.feature_cache[item.image, view], grid, view))
     return samples
 
 

@@ -5,6 +5,7 @@ image placeholder positions, the frozen LLM runs, and only the hidden states tha
 tokens reach the lm_head (`linear_nll`: logits are never materialised)."""
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,9 +36,75 @@ def answer_hidden(loaded: Loaded, params: dict[str, torch.Tensor], batch: Batch)
             n_tokens, n_slots = sum(p.numel() // p.shape[-1] for p in parts), int(batch.image_mask.sum())
             if n_tokens != n_slots:
                 raise UserError(f"the prompt has {n_slots} image tokens but the projector made {n_tokens}")
-    out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **inputs)
+    with answer_rows_only(model, batch.answer_rows, batch.input_ids.numel()):
+        out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **inputs)
     hidden = out.last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])[batch.answer_rows]
+
+
+PER_TOKEN_PARTS = ("self_attn.q_proj", "self_attn.o_proj", "mlp")  # of the last decoder layer
+
+
+@contextlib.contextmanager
+def answer_rows_only(model, rows: torch.Tensor, n_rows: int):
+    """Only the hidden states at `rows` (flat over [B*L]) leave the LLM's last decoder layer for the
+    lm_head, and the final norm is per token: so in that layer the per-token parts (the query and
+    output projections of its attention, its MLP) run on those rows alone, with zeros elsewhere; the
+    keys and values still see every position. Exact at `rows`; ~80% of the last layer's work saved,
+    forward and backward. A part whose input is not one row per token is left whole; nothing changes
+    for a layer wrapped for activation checkpointing (its backward reruns the forward unhooked)."""
+    layer = last_decoder_layer(model)
+    if layer is None or hasattr(layer, "_checkpoint_wrapped_module"):
+        yield
+        return
+    handles = []
+    for name in PER_TOKEN_PARTS:
+        part = layer.get_submodule(name) if _has(layer, name) else None
+        if part is not None:
+            handles += _rows_only(part, rows, n_rows)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def last_decoder_layer(model) -> torch.nn.Module | None:
+    inner = model.model
+    lm = getattr(inner, "language_model", getattr(inner, "text_model", None))
+    layers = getattr(lm, "layers", None)
+    return layers[-1] if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+
+
+def _has(module: torch.nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _rows_only(part: torch.nn.Module, rows: torch.Tensor, n_rows: int) -> list:
+    """Hooks that run `part` on rows `rows` of its [B, L, D] input and scatter its output back."""
+    shapes = []
+
+    def gather(module, args):
+        x = args[0]
+        if not isinstance(x, torch.Tensor) or x.shape[:-1].numel() != n_rows:
+            shapes.append(None)
+            return None
+        shapes.append(x.shape[:-1])
+        return (x.reshape(n_rows, x.shape[-1])[rows][None], *args[1:])
+
+    def scatter(module, args, output):
+        shape = shapes.pop()
+        if shape is None:
+            return None
+        first = output[0] if isinstance(output, tuple) else output  # (hidden states, router logits) of an MoE
+        full = first.new_zeros(n_rows, first.shape[-1]).index_copy(0, rows, first[0]).reshape(*shape, first.shape[-1])
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+
+    return [part.register_forward_pre_hook(gather), part.register_forward_hook(scatter)]
 
 
 def sequence_nll(loaded: Loaded, params, batch: Batch) -> torch.Tensor:

@@ -27,13 +27,13 @@ from . import dist_samples as shards
 from . import distributed as dist  # issue 12: torchrun data parallelism (identity on one process)
 from . import journal
 from . import safetensors_io as st
-from .config import Config, pick_device, seed_everything
+from .config import Config, pick_device, seed_everything, trim_heap
 from .data import read_folder
 from .delta import save_delta, tensor_changes
 from .errors import UserError
 from .features import drop_vision_tower
 from .fingerprints import config_fingerprint, fingerprint_checkpoint, fingerprint_folder
-from .load import check_weights_match_config, master_params, open_checkpoint
+from .load import check_weights_match_config, compute_dtype, master_params, open_checkpoint
 from .mask import fisher_diagonal, saliency_mask
 from .optimise import optimise
 from .targets import chance_level, missed_targets
@@ -85,6 +85,9 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
 
     def phase(name):
         nonlocal t0
+        if device.type == "cpu":  # one phase's garbage must not sit under the next one's peak
+            gc.collect()
+            trim_heap()
         now = time.perf_counter()
         phases[name] = round(now - t0, 3)
         t0 = now
@@ -93,8 +96,10 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     requests = [read_folder(d, "forget") for d in folders]  # one list of items per erasure request
     retain_items = read_folder(retain_dir, "retain") if retain_dir is not None else []
     device = dist.init(pick_device(cfg.device), shard=cfg.shard_llm)  # issue 12: cuda:LOCAL_RANK under torchrun
-    loaded = open_checkpoint(ckpt, device)
+    loaded = open_checkpoint(ckpt, device, llm_later=True)  # the LLM cast once the tower is dropped
     phase("load")
+    if any(it.answer is None for items in requests + [retain_items] for it in items):
+        compute_dtype(loaded)  # the model's own greedy answers need the whole model
 
     # issue 12: shards.fill_answers / shards.cache_samples / shards.make_batches / shards.score are the
     # features / batches / forward functions themselves on one process; under torchrun each rank
@@ -106,15 +111,17 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
             raise UserError(f"{d}: the model gives no answer to any forget question; nothing to forget")
     forget_items = [it for items in requests for it in items]
     phase("answers")
-    per_request = [shards.cache_samples(loaded, items, "forget", cfg.views, cfg.seed) for items in requests]
+    # the check view (below) goes through the tower in the same call as the picture's other views
+    per_request = [shards.cache_samples(loaded, items, "forget", cfg.views, cfg.seed, extra_views=1) for items in requests]
     forget_samples = [s for samples in per_request for s in samples]
-    retain_samples = shards.cache_samples(loaded, retain_items, "retain", cfg.views, cfg.seed)
+    retain_samples = shards.cache_samples(loaded, retain_items, "retain", cfg.views, cfg.seed, extra_views=1)
     # the job's own check (targets.py): one more view of every picture, never trained on
     forget_check = shards.make_batches(loaded, shards.cache_samples(loaded, forget_items, "check", 0, cfg.seed, cfg.views + 1),
                                      cfg.batch_size)
     retain_check = shards.make_batches(loaded, shards.cache_samples(loaded, retain_items, "check", 0, cfg.seed, cfg.views + 1),
                                      cfg.batch_size)
     drop_vision_tower(loaded)
+    compute_dtype(loaded, keep_embeddings=True)
     forget_batches = shards.make_batches(loaded, forget_samples, cfg.batch_size)
     retain_batches = shards.make_batches(loaded, retain_samples, cfg.batch_size)
     # metrics are measured on the pictures themselves, not on their augmented views
@@ -127,9 +134,13 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     phase("cache")
 
     params = master_params(loaded)
-    forget_before, retain_before = shards.score(loaded, params, forget_eval), shards.score(loaded, params, retain_eval)
-    retain_check_before = shards.score(loaded, params, retain_check)
-    reference = shards.score(loaded, params, forget_batches)["nll"]  # the original projector, computed once
+    # the original projector, computed once: the reference NLL of every forget view, and from the same
+    # pass the forget "before" metrics (the pictures themselves, view 0, in forget_eval's order)
+    forget_scores = shards.score(loaded, params, forget_batches)
+    reference = forget_scores["nll"]
+    view0 = torch.tensor([s.view == 0 for s in forget_samples if not isinstance(s, shards.RemoteSample)], dtype=torch.bool)
+    forget_before = {k: v[view0] for k, v in forget_scores.items()}
+    retain_before, retain_check_before = shards.score(loaded, params, retain_eval), shards.score(loaded, params, retain_check)
     for batch, ref in zip(forget_batches, reference.split([len(b.lengths) for b in forget_batches])):
         batch.ref_nll = ref.to(device)
     phase("reference")
@@ -177,7 +188,7 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
         "adapter": loaded.adapter.family,
         "model_type": loaded.model.config.model_type,
         "device": str(device),
-        "compute_dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        "compute_dtype": str(loaded.model.get_output_embeddings().weight.dtype).replace("torch.", ""),
         "changes": changes,
         "items": {"forget": forget_items, "retain": retain_items},
         "metrics": {

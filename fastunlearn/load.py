@@ -84,18 +84,21 @@ def check_weights_match_config(ckpt: Path) -> None:
                         f"stores {sum(sizes):,}; config.json does not match the weights")
 
 
-def open_checkpoint(ckpt: Path, device: torch.device) -> Loaded:
-    from transformers import AutoModelForImageTextToText
-
+def open_checkpoint(ckpt: Path, device: torch.device, llm_later: bool = False) -> Loaded:
+    """The checkpoint, loaded for the job. On a CPU the model computes in fp32 (bf16/fp16 matmuls are
+    slow or missing there), on CUDA in the stored dtype. A checkpoint stored in one float dtype is
+    loaded as stored and cast tensor by tensor (loading straight to fp32 holds the stored bytes and
+    the fp32 copies at once). With `llm_later`, the language model and lm_head stay as stored until
+    `compute_dtype` (the job caches the features and drops the tower first: the two are never held
+    in fp32 together)."""
     ckpt = Path(ckpt)
     stored, config, adapter = inspect_checkpoint(ckpt)
-    # CPU computes in fp32 (bf16/fp16 matmuls are slow or missing there); CUDA in the stored dtype.
-    dtype = torch.float32 if device.type == "cpu" else _stored_dtype(stored)
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=dtype, trust_remote_code=False, use_safetensors=True)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{ckpt}: cannot load the model ({str(e).splitlines()[0]})") from None
-    model.eval().requires_grad_(False)
+    floats = {info.dtype for info in stored.values() if info.dtype in ("F64", "F32", "F16", "BF16")}
+    dtype = _stored_dtype(stored) if device.type != "cpu" or len(floats) == 1 else torch.float32
+    model = _from_pretrained(ckpt, dtype)
+    if device.type == "cpu" and dtype != torch.float32 and _rounded_buffers(model, dtype):
+        del model  # a buffer the model computes when built (Gemma's embed_scale) would differ from fp32's
+        model = _from_pretrained(ckpt, torch.float32)
     if not shards.place_sharded(model, device):  # issue 12: FSDP2-sharded LLM under torchrun --shard-llm
         model.to(device)
     processor = adapter.load_processor(ckpt)
@@ -110,7 +113,58 @@ def open_checkpoint(ckpt: Path, device: torch.device) -> Loaded:
                 f"{stored_name}: config.json implies shape {tuple(module[name].shape)}, the checkpoint stores {info.shape}"
             )
         original[name] = st.read_tensor(info)
-    return Loaded(ckpt, adapter, model, processor, stored, names, original, device)
+    loaded = Loaded(ckpt, adapter, model, processor, stored, names, original, device)
+    if device.type == "cpu":
+        language_model = getattr(model.model, "language_model", getattr(model.model, "text_model", None))
+        later = [language_model, model.get_output_embeddings()] if llm_later and language_model is not None else []
+        _to_fp32(model, {id(t) for m in later for t in [*m.parameters(), *m.buffers()]})
+        if model.dtype != torch.float32:  # family code casts inputs to `model.dtype` (its first parameter's)
+            _to_fp32(model, set())
+    return loaded
+
+
+def _from_pretrained(ckpt: Path, dtype: torch.dtype):
+    from transformers import AutoModelForImageTextToText
+
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{ckpt}: cannot load the model ({str(e).splitlines()[0]})") from None
+    return model.eval().requires_grad_(False)
+
+
+def _rounded_buffers(model: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """Does the model hold a buffer it computed when built (not read from the checkpoint) in `dtype`?
+    Cast to fp32 afterwards, it would keep `dtype`'s rounding."""
+    return any(module._buffers[name] is not None and module._buffers[name].dtype == dtype
+               for module in model.modules() for name in module._non_persistent_buffers_set)
+
+
+def compute_dtype(loaded: Loaded, keep_embeddings: bool = False) -> None:
+    """The whole model in the compute dtype (fp32 on a CPU; a no-op where already there). With
+    `keep_embeddings`, an input embedding table that is a plain lookup (nn.Embedding, not tied to the
+    lm_head) stays as stored and its rows are cast when looked up: exact, and fp32 would double the
+    table for nothing (the job only looks rows up)."""
+    if loaded.device.type != "cpu":
+        return
+    model = loaded.model
+    table = model.get_input_embeddings()
+    plain = type(table) is torch.nn.Embedding and table.weight is not model.get_output_embeddings().weight
+    keep = {id(table.weight)} if keep_embeddings and plain else set()
+    _to_fp32(model, keep)
+    if model.dtype != torch.float32:  # the table is the first parameter: family code casts inputs to its dtype
+        keep = set()
+        _to_fp32(model, keep)
+    if keep and not getattr(table, "_fastunlearn_cast", False):
+        table.register_forward_hook(lambda module, args, output: output.float())
+        table._fastunlearn_cast = True
+
+
+def _to_fp32(model: torch.nn.Module, skip: set[int]) -> None:
+    """Every floating-point parameter and buffer of `model` in fp32, one at a time, but those in `skip` (ids)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in skip and t.is_floating_point() and t.dtype != torch.float32:
+            t.data = t.data.float()
 
 
 def _stored_dtype(stored: dict[str, st.TensorInfo]) -> torch.dtype:

@@ -8,7 +8,7 @@ import torch
 from . import dist_samples as shards
 from . import distributed as dist
 from .batches import _batch
-from .config import progress
+from .config import progress, trim_heap
 from .features import Sample
 from .forward import sequence_nll
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .load import Loaded
 
 
-FISHER_CHUNK = 4  # samples per batched per-sample-gradient pass (bounds its activations)
+FISHER_CHUNK = 8  # samples per batched per-sample-gradient pass (bounds its activations: as optimise.STEP_PASS)
 
 
 def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, chunk: int = FISHER_CHUNK
@@ -48,6 +48,9 @@ def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, c
         for n, g in zip(copies, grads):
             if g is not None:
                 fisher[n] += (g.float() ** 2).sum(0)
+        del copies, per_picture, nll, grads
+        if loaded.device.type == "cpu":
+            trim_heap()  # see config.trim_heap: the peak stays at one chunk's activations
     fisher = dist.all_reduce_sum(fisher)  # issue 12: identity on one process
     return {n: f / total for n, f in fisher.items()}
 

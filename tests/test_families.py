@@ -15,7 +15,7 @@ import tiny_families as tf
 from fastunlearn import safetensors_io as st
 from fastunlearn.worlds import people as world
 from fastunlearn.cli import main
-from fastunlearn.data import Item
+from fastunlearn.data import Item, read_folder
 from fastunlearn.batches import make_batches
 from fastunlearn.features import _pixels, cache_samples, greedy_answers
 from fastunlearn.forward import answer_hidden
@@ -230,3 +230,68 @@ def test_batched_fisher_equals_the_per_sample_loop(family, tiny, data):
     for name in expected:
         scale = float(expected[name].abs().max()) or 1.0
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_views_in_one_tower_call_give_each_views_features(family, tiny, data):
+    loaded = open_checkpoint(tiny(family), torch.device("cpu"))
+    image = sorted((data / "forget").rglob("*.png"))[0]
+    pixels = [_pixels(loaded, image, view, seed=0) for view in range(3)]
+    together = loaded.adapter.vision_features_batch(loaded.model, pixels)
+    assert len(together) == len(pixels)
+    for got, pixel in zip(together, pixels):
+        torch.testing.assert_close(got, loaded.adapter.vision_features(loaded.model, pixel), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["paligemma", "gemma3", "vipllava", "qwen2_5_vl", "mllama", "idefics3"])
+def test_loaded_as_stored_then_cast_equals_loaded_in_fp32(family, tiny):
+    """bf16 shards loaded as stored, the LLM cast later, the input embedding table kept as stored:
+    every tensor (and every embedding lookup) is what loading straight to fp32 gives."""
+    from transformers import AutoModelForImageTextToText
+
+    from fastunlearn.load import compute_dtype
+
+    src = tiny(family, torch.bfloat16)
+    expected = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32)
+    loaded = open_checkpoint(src, torch.device("cpu"), llm_later=True)
+    lm_head = loaded.model.get_output_embeddings().weight
+    # the LLM waits for compute_dtype; Gemma's embed_scale, computed when built, makes it load in fp32
+    assert lm_head.dtype == (torch.float32 if "gemma" in family else torch.bfloat16)
+    assert loaded.model.dtype == torch.float32  # what family code casts its inputs to
+    compute_dtype(loaded, keep_embeddings=True)
+    table = loaded.model.get_input_embeddings()
+    assert loaded.model.dtype == torch.float32
+    got = {**dict(loaded.model.named_parameters()), **dict(loaded.model.named_buffers())}
+    for name, t in {**dict(expected.named_parameters()), **dict(expected.named_buffers())}.items():
+        if got[name] is table.weight and type(table) is torch.nn.Embedding:
+            assert t.dtype == torch.float32 and got[name].dtype == torch.bfloat16, name  # kept as stored
+        else:
+            assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    ids = torch.arange(min(50, table.num_embeddings))[None]
+    out = table(ids)
+    assert out.dtype == torch.float32 and torch.equal(out, expected.get_input_embeddings()(ids))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_answer_rows_only_in_the_last_layer_give_the_same_nll_and_gradient(family, tiny, data, monkeypatch):
+    from fastunlearn import forward
+
+    loaded = open_checkpoint(tiny(family), torch.device("cpu"))
+    items = read_folder(data / "forget")[:2] + [Item(None, "What is the job of Ada?", "baker", "")]
+    batch = make_batches(loaded, cache_samples(loaded, items, "test"), 8)[0]
+    seen = []  # rows the last layer's MLP computes (this hook runs before the one that scatters them)
+    layer = forward.last_decoder_layer(loaded.model)
+    layer.mlp.register_forward_hook(lambda m, args, out: seen.append((out[0] if isinstance(out, tuple) else out).shape[:-1].numel()))
+    results = []
+    for parts in (forward.PER_TOKEN_PARTS, ()):  # the answer rows only; then the whole layer
+        monkeypatch.setattr(forward, "PER_TOKEN_PARTS", parts)
+        params = {n: p.requires_grad_(True) for n, p in master_params(loaded).items()}
+        nll = forward.sequence_nll(loaded, params, batch)
+        results.append((nll.detach(), torch.autograd.grad(nll.sum(), list(params.values()), allow_unused=True)))
+    assert seen == [len(batch.answer_rows), batch.input_ids.numel()]
+    (nll, grads), (expected_nll, expected_grads) = results
+    torch.testing.assert_close(nll, expected_nll, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, expected_grads):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6 * max(1.0, float(e.abs().max())))

@@ -114,6 +114,11 @@ class Adapter:
         computes, so that the connector is the only function of the trained parameters."""
         raise NotImplementedError
 
+    def vision_features_batch(self, model, pixels: list[dict]) -> list[torch.Tensor]:
+        """vision_features of several pictures (the views of one picture): one tower call where the
+        family can batch them, else one call each."""
+        return [self.vision_features(model, p) for p in pixels]
+
     def project(self, params: dict[str, torch.Tensor], features: torch.Tensor, grid: dict | None = None) -> torch.Tensor:
         """The projector as a function of its parameters (module-relative names), on one picture's
         features (`grid`: that picture's layout, for families whose projector needs it)."""

@@ -17,6 +17,7 @@ class AyaVisionAdapter(ProcessorAdapter):
     processor_class = "AyaVisionProcessor"
     processor_module = "aya_vision"
     pooler_output_tensor = True
+    batch_views = True
 
     def project_one(self, model, module, params, features, grid):
         n_tiles = int(grid["num_patches"][0])

@@ -170,6 +170,17 @@ class ProcessorAdapter(Adapter):
         x = captured["args"][0] if captured["args"] else next(iter(captured["kwargs"].values()))
         return self.features_of(x, captured["kwargs"])
 
+    batch_views = False  # pictures of one size go through `get_image_features` together (tested per family)
+
+    def vision_features_batch(self, model, pixels):
+        """With `batch_views`, pictures whose processor outputs have equal shapes in one call: each
+        picture's connector input is an equal, contiguous share of the batched one."""
+        shapes = {tuple((k, tuple(v.shape)) for k, v in sorted(p.items()) if isinstance(v, torch.Tensor)) for p in pixels}
+        if not self.batch_views or len(pixels) < 2 or len(shapes) != 1:
+            return super().vision_features_batch(model, pixels)
+        joint = {k: torch.cat([p[k] for p in pixels]) for k in pixels[0] if isinstance(pixels[0][k], torch.Tensor)}
+        return list(self.vision_features(model, joint).chunk(len(pixels)))
+
     def features_of(self, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """The cached form of the connector's input `x` (and its other keyword inputs): [rows, features]."""
         return x.reshape(-1, x.shape[-1])

@@ -19,3 +19,4 @@ class DeepseekVLAdapter(ProcessorAdapter):
     projector_attr = "aligner"
     projector_prefix = "aligner."
     pooler_output_tensor = True
+    batch_views = True

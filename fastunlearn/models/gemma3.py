@@ -17,6 +17,7 @@ class Gemma3Adapter(ProcessorAdapter):
     processor_class = "Gemma3Processor"
     processor_module = "gemma3"
     pooler_output_tensor = True
+    batch_views = True
 
     def project_one(self, model, module, params, features, grid):
         vision = model.config.vision_config

@@ -18,3 +18,4 @@ class InternVLAdapter(ProcessorAdapter):
     processor_module = "internvl"
     needs_video_processor = True
     pooler_output_tensor = True
+    batch_views = True

@@ -40,17 +40,22 @@ class LlavaAdapter(Adapter):
         n = (height // patch) * (width // patch) + getattr(processor, "num_additional_image_tokens", 1)
         return n - 1 if model_config.vision_feature_select_strategy == "default" else n
 
-    @torch.no_grad()
     def vision_features(self, model, pixel):
+        return self.vision_features_batch(model, [pixel])[0]
+
+    @torch.no_grad()
+    def vision_features_batch(self, model, pixels):
+        """One tower call for the pictures (one size after the processor), stopped after the deepest
+        layer `vision_feature_layer` reads: with the default -2, CLIP's last layer never runs."""
         config = model.config
         tower = model.model.vision_tower
-        out = tower(pixel["pixel_values"].to(tower.device, tower.dtype), output_hidden_states=True)
+        values = torch.cat([p["pixel_values"] for p in pixels]).to(tower.device, tower.dtype)
         layers = config.vision_feature_layer
         layers = [layers] if isinstance(layers, int) else list(layers)
-        hidden = [out.hidden_states[i] for i in layers]
+        hidden = _hidden_states(tower, values, layers)
         if config.vision_feature_select_strategy == "default":
             hidden = [h[:, 1:] for h in hidden]
-        return torch.cat(hidden, dim=-1)[0]
+        return [f.contiguous() for f in torch.cat(hidden, dim=-1).unbind(0)]
 
     def project(self, params, features, grid=None):
         return projector_mlp(
@@ -67,3 +72,41 @@ class LlavaAdapter(Adapter):
         if pixel is not None:
             inputs["pixel_values"] = pixel["pixel_values"].to(model.device, model.dtype)
         return inputs
+
+
+class _Done(Exception):
+    pass
+
+
+def _hidden_states(tower, values: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
+    """`tower(values, output_hidden_states=True).hidden_states[i]` for each i in `indices`, the encoder
+    stopped after the deepest layer read (hidden_states[k]: the encoder's input for k = 0, else the
+    output of its layer k - 1). Falls back to the whole tower when it has no `encoder.layers`."""
+    encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)  # CLIP: tower.encoder
+    blocks = getattr(encoder, "layers", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        out = tower(values, output_hidden_states=True)
+        return [out.hidden_states[i] for i in indices]
+    positive = [i % (len(blocks) + 1) for i in indices]
+    seen = {}
+
+    def keep(k, last):
+        def hook(module, args, kwargs, output=None):
+            x = (args[0] if args else kwargs.get("inputs_embeds", kwargs.get("hidden_states"))) if output is None else output
+            seen[k] = x[0] if isinstance(x, tuple) else x
+            if last:
+                raise _Done
+        return hook
+
+    deepest = max(positive)
+    handles = [encoder.register_forward_pre_hook(keep(0, deepest == 0), with_kwargs=True)]
+    handles += [blocks[k - 1].register_forward_hook(keep(k, k == deepest), with_kwargs=True)
+                for k in sorted(set(positive)) if k > 0]
+    try:
+        tower(values)
+    except _Done:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return [seen[i] for i in positive]

@@ -17,6 +17,7 @@ class PaliGemmaAdapter(ProcessorAdapter):
     processor_class = "PaliGemmaProcessor"
     processor_module = "paligemma"
     pooler_output_tensor = True
+    batch_views = True
 
     def prompt(self, processor, question, with_image):
         bos = processor.tokenizer.bos_token or ""

@@ -13,3 +13,4 @@ class VipLlavaAdapter(ProcessorAdapter):
     processor_class = "LlavaProcessor"
     processor_module = "llava"
     pooler_output_tensor = True
+    batch_views = True
