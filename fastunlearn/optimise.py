@@ -29,7 +29,7 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
     for step in bar:
         fb = forget_batches[step % len(forget_batches)]
         rb = retain_batches[step % len(retain_batches)] if use_retain else None
-        if dist._state is None:
+        if not dist.active():
             grads, loss_value = step_gradients(loaded, trainable, fb, rb, cfg, STEP_PASS)
         else:
             # issue 12: shards.local_term is this rank's share of term(batch)
