@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -227,6 +228,20 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parser().parse_args(argv)
     quiet_transformers()
+    code = _run(args)
+    from .distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        # gloo's threads can abort the interpreter's teardown once a peer has gone ("terminate called
+        # without an active exception", exit -6): every file is written and closed, so leave without it
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(args) -> int:
     try:
         return {"apply": cmd_apply, "patch": cmd_patch, "verify": cmd_verify, "report": cmd_report,
                 "demo": cmd_demo, "convert": cmd_convert}[args.command](args)

@@ -19,6 +19,15 @@ if TYPE_CHECKING:
 FISHER_CHUNK = 8  # samples per batched per-sample-gradient pass (bounds its activations: as optimise.STEP_PASS)
 
 
+def fisher_samples(samples: list[Sample], limit: int) -> list[Sample]:
+    """The samples the Fisher is taken over: the pictures themselves (view 0; augmented views add
+    cost, not coverage), at most `limit`, evenly spaced so that every person's pictures count."""
+    pictures = [s for s in samples if s.view == 0] or samples
+    if len(pictures) <= limit:
+        return pictures
+    return [pictures[i * len(pictures) // limit] for i in range(limit)]
+
+
 def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, chunk: int = FISHER_CHUNK
                     ) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher F = (1/S) sum_s g_s * g_s of each sample's answer NLL, fp32
@@ -29,8 +38,7 @@ def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, c
     with its copy, the frozen LLM runs forward and backward once for the chunk, and since nll_s
     depends on theta_s alone (sequences do not attend to each other), d(sum_s nll_s)/d theta_s = g_s.
     Memory: `chunk` copies of the projector and their gradients on top of one batch's activations."""
-    step = max(1, len(samples) // limit)
-    chosen = samples[::step][:limit]
+    chosen = fisher_samples(samples, limit)
     total, chosen = len(chosen), shards.local_samples(chosen)  # issue 12: each rank its own share
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     for i in progress(range(0, len(chosen), chunk), desc="fisher"):
@@ -57,8 +65,7 @@ def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, c
 
 def fisher_diagonal_loop(loaded: Loaded, params, samples: list[Sample], limit: int) -> dict[str, torch.Tensor]:
     """The same Fisher, one backward pass per sample (the reference the batched one is tested against)."""
-    step = max(1, len(samples) // limit)
-    chosen = samples[::step][:limit]
+    chosen = fisher_samples(samples, limit)
     params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     for sample in chosen:

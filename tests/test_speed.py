@@ -1,11 +1,13 @@
 """The job's fast paths compute what the plain ones compute (speed itself: benchmarks/bench_e2e.py)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from fastunlearn.data import Item, read_folder
 from fastunlearn.features import _pixels, cache_samples, drop_vision_tower
 from fastunlearn.load import master_params, open_checkpoint
-from fastunlearn.mask import fisher_diagonal, fisher_diagonal_loop
+from fastunlearn.mask import fisher_diagonal, fisher_diagonal_loop, fisher_samples
 
 
 def samples_of(family, variant, folders, views=1):
@@ -28,6 +30,17 @@ def test_batched_fisher_equals_the_per_sample_loop(family, variant, folders):
             scale = float(expected[name].abs().max())
             assert scale > 0, name
             torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_the_fisher_covers_every_picture_not_the_first_ones():
+    """Samples come picture by picture, each followed by its augmented views. Two people, 12 pictures
+    each, 4 views: a limit of 16 must take pictures themselves (view 0) from both people, evenly."""
+    samples = [SimpleNamespace(person=k // 12, picture=k, view=v) for k in range(24) for v in range(5)]
+    chosen = fisher_samples(samples, 16)
+    assert len(chosen) == 16 and all(s.view == 0 for s in chosen)
+    assert len({s.picture for s in chosen}) == 16
+    assert sum(s.person == 0 for s in chosen) == sum(s.person == 1 for s in chosen) == 8
+    assert fisher_samples(samples, 64) == [s for s in samples if s.view == 0]  # all 24 pictures, no views
 
 
 def test_llava_features_run_the_tower_only_up_to_the_layer_read(variant, folders):
