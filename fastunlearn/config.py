@@ -23,6 +23,7 @@ class Config:
     fisher_samples: int = 64
     batch_size: int = 16
     weight_decay: float = 0.0
+    retain_hidden: float = 0.0  # weight of the answer-hidden-state anchor on retain samples (experiment)
     views: int = 4  # augmented variants of each picture, cached beside it
     max_new_tokens: int = 32
     device: str = "auto"

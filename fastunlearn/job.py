@@ -143,6 +143,13 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     retain_before, retain_check_before = shards.score(loaded, params, retain_eval), shards.score(loaded, params, retain_check)
     for batch, ref in zip(forget_batches, reference.split([len(b.lengths) for b in forget_batches])):
         batch.ref_nll = ref.to(device)
+    if cfg.retain_hidden > 0:
+        from .forward import answer_hidden
+        with torch.no_grad():
+            for rb in retain_batches:
+                h = answer_hidden(loaded, params, rb).detach()
+                rb.ref_hidden = [h[rb.answer_seq == k] for k in range(len(rb.lengths))]
+                rb.ref_hidden_sq = float((h ** 2).sum())
     phase("reference")
 
     if cfg.mask == "fisher" and retain_samples:

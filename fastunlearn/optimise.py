@@ -8,7 +8,8 @@ from . import dist_samples as shards
 from . import distributed as dist
 from .batches import _batch
 from .config import Config, progress, trim_heap
-from .forward import sequence_nll
+from .forward import answer_hidden, sequence_nll
+from .kernels import linear_nll
 from .kernels import masked_adamw_
 from .objectives import forget_loss, retain_nll, uses_retain
 
@@ -70,7 +71,9 @@ def step_gradients(loaded, trainable: dict, fb, rb, cfg: Config, per_pass: int) 
     for start in range(0, len(seqs), per_pass):
         part = seqs[start : start + per_pass]
         batch = _batch(loaded, [s for _, _, s in part])
-        nll = sequence_nll(loaded, trainable, batch)
+        hidden = answer_hidden(loaded, trainable, batch)
+        token_nll = linear_nll(hidden, loaded.model.get_output_embeddings().weight, batch.targets)
+        nll = torch.zeros(len(batch.lengths), device=hidden.device).index_add(0, batch.answer_seq, token_nll)
         f = [j for j, (kind, _, _) in enumerate(part) if kind == "forget"]
         r = [j for j, (kind, _, _) in enumerate(part) if kind == "retain"]
         loss = nll.new_zeros(())
@@ -80,6 +83,10 @@ def step_gradients(loaded, trainable: dict, fb, rb, cfg: Config, per_pass: int) 
         if r:
             share = batch.lengths[r].sum() / retain_tokens
             loss = loss + cfg.retain_weight * retain_nll(nll[r], batch.lengths[r]) * share
+            if cfg.retain_hidden > 0:
+                rows = torch.isin(batch.answer_seq, torch.tensor(r, device=hidden.device))
+                ref = torch.cat([rb.ref_hidden[part[j][1]] for j in r])
+                loss = loss + cfg.retain_hidden * ((hidden[rows] - ref) ** 2).sum() / rb.ref_hidden_sq
         value += float(loss.detach())
         if loss.requires_grad:  # else: no picture in this pass, no projector gradient
             part_grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
