@@ -11,24 +11,23 @@ from .batches import _batch
 from .config import progress, trim_heap
 from .features import Sample
 from .forward import sequence_nll
+from .optimise import STEP_PASS as FISHER_CHUNK  # samples per batched per-sample-gradient pass, by device type
 
 if TYPE_CHECKING:
     from .load import Loaded
 
 
-FISHER_CHUNK = 8  # samples per batched per-sample-gradient pass (bounds its activations: as optimise.STEP_PASS)
-
-
 def fisher_samples(samples: list[Sample], limit: int) -> list[Sample]:
-    """The samples the Fisher is taken over: the pictures themselves (view 0; augmented views add
-    cost, not coverage), at most `limit`, evenly spaced so that every person's pictures count."""
-    pictures = [s for s in samples if s.view == 0] or samples
+    """The samples the Fisher is taken over: the pictures themselves (view 0; their augmented views
+    add cost, not coverage), at most `limit`, evenly spaced so that every person's pictures count
+    (samples come picture by picture, each followed by its views)."""
+    pictures = [s for s in samples if s.view == 0]
     if len(pictures) <= limit:
         return pictures
-    return [pictures[i * len(pictures) // limit] for i in range(limit)]
+    return [pictures[k * len(pictures) // limit] for k in range(limit)]
 
 
-def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, chunk: int = FISHER_CHUNK
+def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, chunk: int | None = None
                     ) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher F = (1/S) sum_s g_s * g_s of each sample's answer NLL, fp32
     (squares underflow in fp16), g_s = d nll_s / d theta.
@@ -38,6 +37,7 @@ def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, c
     with its copy, the frozen LLM runs forward and backward once for the chunk, and since nll_s
     depends on theta_s alone (sequences do not attend to each other), d(sum_s nll_s)/d theta_s = g_s.
     Memory: `chunk` copies of the projector and their gradients on top of one batch's activations."""
+    chunk = chunk or FISHER_CHUNK.get(loaded.device.type, 8)
     chosen = fisher_samples(samples, limit)
     total, chosen = len(chosen), shards.local_samples(chosen)  # issue 12: each rank its own share
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}

@@ -13,12 +13,12 @@ from .kernels import linear_nll
 from .kernels import masked_adamw_
 from .objectives import forget_loss, retain_nll, uses_retain
 
-# Sequences per LLM pass within a step (forget and retain together, see `step_gradients`). Measured on
-# the CPU LLaVA of benchmarks/bench_e2e.py (16 sequences of 79 tokens a step, 2 threads): one pass of
-# 16 took 0.58 s, 2 x 8 0.63 s, 4 x 4 0.76 s on idle cores (7.6x, 12x, 20x that under contention, where
-# every op pays), and the job's peak RSS was 918 MB with 16, 785 MB with 8: 8 keeps the peak near
-# half the naive job's.
-STEP_PASS = 8
+# Sequences per LLM pass within a step (forget and retain together, see `step_gradients`), by device
+# type. Measured on the CPU LLaVA of benchmarks/bench_e2e.py (16 sequences of 79 tokens a step, 2
+# threads): one pass of 16 took 0.58 s, 2 x 8 0.63 s, 4 x 4 0.76 s on idle cores; at 40 steps the
+# job's peak RSS was 793 MB with passes of 8 and 706 MB with 4 (the naive job's: 1512 MB), for 10%
+# more optimisation time. A CPU takes 4 (the memory goal of issue 10); CUDA 8 (not measured there).
+STEP_PASS = {"cpu": 4, "cuda": 8}
 
 
 def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, log) -> list[float]:
@@ -31,7 +31,7 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
         fb = forget_batches[step % len(forget_batches)]
         rb = retain_batches[step % len(retain_batches)] if use_retain else None
         if not dist.active():
-            grads, loss_value = step_gradients(loaded, trainable, fb, rb, cfg, STEP_PASS)
+            grads, loss_value = step_gradients(loaded, trainable, fb, rb, cfg, STEP_PASS.get(loaded.device.type, 8))
         else:
             # issue 12: shards.local_term is this rank's share of term(batch)
             loss = shards.local_term(fb, "seqs", trainable, lambda b: forget_loss(

@@ -33,14 +33,14 @@ def test_batched_fisher_equals_the_per_sample_loop(family, variant, folders):
 
 
 def test_the_fisher_covers_every_picture_not_the_first_ones():
-    """Samples come picture by picture, each followed by its augmented views. Two people, 12 pictures
-    each, 4 views: a limit of 16 must take pictures themselves (view 0) from both people, evenly."""
+    """Samples come picture by picture, each followed by its 4 augmented views; two people, 12
+    pictures each. With room for 16, the Fisher takes 16 of the pictures themselves, 8 of each
+    person; with room for more, every picture and none of the views."""
     samples = [SimpleNamespace(person=k // 12, picture=k, view=v) for k in range(24) for v in range(5)]
     chosen = fisher_samples(samples, 16)
-    assert len(chosen) == 16 and all(s.view == 0 for s in chosen)
-    assert len({s.picture for s in chosen}) == 16
+    assert len(chosen) == len({s.picture for s in chosen}) == 16 and all(s.view == 0 for s in chosen)
     assert sum(s.person == 0 for s in chosen) == sum(s.person == 1 for s in chosen) == 8
-    assert fisher_samples(samples, 64) == [s for s in samples if s.view == 0]  # all 24 pictures, no views
+    assert fisher_samples(samples, 64) == [s for s in samples if s.view == 0]
 
 
 def test_llava_features_run_the_tower_only_up_to_the_layer_read(variant, folders):
