@@ -24,6 +24,7 @@ class Config:
     batch_size: int = 16
     weight_decay: float = 0.0
     retain_hidden: float = 0.0  # weight of the answer-hidden-state anchor on retain samples (experiment)
+    max_relative_update: float = 0.0  # cap on ||W - W0|| / ||W0|| per tensor (experiment; 0: none)
     views: int = 4  # augmented variants of each picture, cached beside it
     max_new_tokens: int = 32
     device: str = "auto"

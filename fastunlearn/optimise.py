@@ -26,6 +26,7 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
     state = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
     use_retain = bool(retain_batches) and uses_retain(cfg.method)
     losses = []
+    start = {n: p.detach().clone() for n, p in params.items()}
     bar = progress(range(cfg.steps), desc=f"optimising ({cfg.method})")
     for step in bar:
         fb = forget_batches[step % len(forget_batches)]
@@ -48,12 +49,19 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
                 exp_avg, exp_avg_sq = state[n]
                 masked_adamw_(p, g, mask[n], exp_avg, exp_avg_sq, step=step + 1, lr=cfg.lr, beta1=0.9,
                               beta2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
+            if cfg.max_relative_update > 0:
+                for n, p in trainable.items():
+                    d = p - start[n]
+                    r = float(d.norm() / start[n].norm().clamp_min(1e-12))
+                    if r > cfg.max_relative_update:
+                        p.copy_(start[n] + d * (cfg.max_relative_update / r))
         losses.append(loss_value)
         if loaded.device.type == "cpu":
             trim_heap()  # see config.trim_heap: the peak stays at one pass's activations
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     for p in params.values():
         p.requires_grad_(False)
+    print("relative update", {n: round(float((p - start[n]).norm() / start[n].norm()), 4) for n, p in params.items()}, flush=True)
     return losses
 
 
