@@ -177,9 +177,9 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
         log(f"WARNING: {warning}")
     if retain_check:
         log("note: retention was checked on new views of the retain pictures the job trained on, where the retain "
-            "term has already restored them; new pictures of the same people can lose 10-30 points (benchmarks/"
-            "RESULTS.md). Gate on pictures the job never saw: fastunlearn verify ORIGINAL UNLEARNED FORGET_DIR "
-            "--retain NEW_DIR --max-retain-drop 0.02")
+            "term has already restored them; new pictures of the same people lost up to 40 points in our "
+            "benchmarks (benchmarks/RESULTS.md). Gate on pictures the job never saw: fastunlearn verify ORIGINAL "
+            "UNLEARNED FORGET_DIR --retain NEW_DIR --max-retain-drop 0.02")
     phase("evaluate")
 
     changes = tensor_changes(loaded, new)
