@@ -20,7 +20,7 @@ from fastunlearn.config import Config, pick_device, seed_everything
 from fastunlearn.features import cache_samples, drop_vision_tower
 from fastunlearn.forward import answer_hidden, score
 from fastunlearn.load import master_params, open_checkpoint
-from fastunlearn.mask import saliency_mask
+from fastunlearn.mask import fisher_samples, saliency_mask
 
 
 def sequence_nll(loaded, projector, llm_lm_head, batch) -> torch.Tensor:
@@ -32,7 +32,7 @@ def sequence_nll(loaded, projector, llm_lm_head, batch) -> torch.Tensor:
 
 def fisher_all(loaded, projector, llm, samples, limit) -> dict[str, torch.Tensor]:
     """Diagonal Fisher E[g^2] of each sample's answer NLL over every trainable tensor, fp32."""
-    chosen = samples[:: max(1, len(samples) // limit)][:limit]
+    chosen = fisher_samples(samples, limit)  # as the job: the pictures themselves, evenly spread
     tensors = {**{"projector." + n: p for n, p in projector.items()}, **llm}
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in tensors.items()}
     lm_head = loaded.model.get_output_embeddings().weight
