@@ -11,7 +11,7 @@ from .batches import _batch
 from .config import progress, trim_heap
 from .features import Sample
 from .forward import sequence_nll
-from .optimise import STEP_PASS as FISHER_CHUNK  # samples per batched per-sample-gradient pass, by device type
+from .optimise import pass_size
 
 if TYPE_CHECKING:
     from .load import Loaded
@@ -37,7 +37,7 @@ def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, c
     with its copy, the frozen LLM runs forward and backward once for the chunk, and since nll_s
     depends on theta_s alone (sequences do not attend to each other), d(sum_s nll_s)/d theta_s = g_s.
     Memory: `chunk` copies of the projector and their gradients on top of one batch's activations."""
-    chunk = chunk or FISHER_CHUNK.get(loaded.device.type, 8)
+    chunk = chunk or pass_size(loaded.device)  # bounds the activations as a training step's passes do
     chosen = fisher_samples(samples, limit)
     total, chosen = len(chosen), shards.local_samples(chosen)  # issue 12: each rank its own share
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}

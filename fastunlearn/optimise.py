@@ -20,6 +20,11 @@ from .objectives import forget_loss, retain_nll, uses_retain
 STEP_PASS = {"cpu": 4, "cuda": 8}
 
 
+def pass_size(device: torch.device) -> int:
+    """Sequences per LLM pass on this device (`STEP_PASS`; 8 elsewhere)."""
+    return STEP_PASS.get(device.type, 8)
+
+
 def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, log) -> list[float]:
     trainable = {n: p.requires_grad_(True) for n, p in params.items()}
     state = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
@@ -30,7 +35,7 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
         fb = forget_batches[step % len(forget_batches)]
         rb = retain_batches[step % len(retain_batches)] if use_retain else None
         if not dist.active():
-            grads, loss_value = step_gradients(loaded, trainable, fb, rb, cfg, STEP_PASS.get(loaded.device.type, 8))
+            grads, loss_value = step_gradients(loaded, trainable, fb, rb, cfg, pass_size(loaded.device))
         else:
             # issue 12: shards.local_term is this rank's share of term(batch)
             loss = shards.local_term(fb, "seqs", trainable, lambda b: forget_loss(
