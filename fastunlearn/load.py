@@ -118,8 +118,6 @@ def open_checkpoint(ckpt: Path, device: torch.device, llm_later: bool = False) -
         language_model = getattr(model.model, "language_model", getattr(model.model, "text_model", None))
         later = [language_model, model.get_output_embeddings()] if llm_later and language_model is not None else []
         _to_fp32(model, {id(t) for m in later for t in [*m.parameters(), *m.buffers()]})
-        if model.dtype != torch.float32:  # family code casts inputs to `model.dtype` (its first parameter's)
-            _to_fp32(model, set())
     return loaded
 
 
@@ -150,21 +148,22 @@ def compute_dtype(loaded: Loaded, keep_embeddings: bool = False) -> None:
     model = loaded.model
     table = model.get_input_embeddings()
     plain = type(table) is torch.nn.Embedding and table.weight is not model.get_output_embeddings().weight
-    keep = {id(table.weight)} if keep_embeddings and plain else set()
-    _to_fp32(model, keep)
-    if model.dtype != torch.float32:  # the table is the first parameter: family code casts inputs to its dtype
-        keep = set()
-        _to_fp32(model, keep)
-    if keep and not getattr(table, "_fastunlearn_cast", False):
+    kept = _to_fp32(model, {id(table.weight)} if keep_embeddings and plain else set())
+    if kept and not getattr(table, "_fastunlearn_cast", False):
         table.register_forward_hook(lambda module, args, output: output.float())
         table._fastunlearn_cast = True
 
 
-def _to_fp32(model: torch.nn.Module, skip: set[int]) -> None:
-    """Every floating-point parameter and buffer of `model` in fp32, one at a time, but those in `skip` (ids)."""
+def _to_fp32(model: torch.nn.Module, skip: set[int]) -> bool:
+    """Every floating-point parameter and buffer of `model` in fp32, one at a time, but those in `skip`
+    (ids); all of them after all when a skipped one is the model's first parameter, since family code
+    casts inputs to `model.dtype` (its first parameter's). Returns whether the skipped ones stayed."""
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) not in skip and t.is_floating_point() and t.dtype != torch.float32:
             t.data = t.data.float()
+    if skip and model.dtype != torch.float32:
+        return _to_fp32(model, set())
+    return bool(skip)
 
 
 def _stored_dtype(stored: dict[str, st.TensorInfo]) -> torch.dtype:
