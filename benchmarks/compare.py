@@ -6,6 +6,11 @@ whole model (LLM included). Same data, views, batch size and steps for every met
                                  [--workdir build/compare] [--json FILE]
     python benchmarks/compare.py --world demo  [--forget 1 2]        # the shipped 8-person checkpoints
 
+    python benchmarks/compare.py --protocol [benchmarks/efficacy.py's options]
+
+`--protocol` runs issue 9's protocol instead (benchmarks/efficacy.py: every method of its VARIANTS,
+projector-only and whole-model, worst case over 5 draws of the pictures, both worlds).
+
 `--world bench` needs the 20-person checkpoints: python scripts/build_bench_world.py (build/bench-world).
 
 Each method runs in a subprocess of its own: its wall time covers the whole job (load, feature
@@ -16,6 +21,7 @@ same held-out pictures and text facts with fastunlearn.evaluate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -150,16 +156,22 @@ class Bench:
             params.update({n: t.float() for n, t in result["projector"].items()})
         by_stored = {stored: name for name, stored in self.loaded.names.items()}
         params.update({by_stored[s]: t.float() for s, t in result.get("stored", {}).items()})
+        with self.model_weights(result["model"]):
+            return self.evaluate(params)
+
+    @contextlib.contextmanager
+    def model_weights(self, tensors: dict):
+        """The model with `tensors` (a whole-model method's LLM, by parameter name) in place; restored after."""
         model_params = dict(self.loaded.model.named_parameters())
         with torch.no_grad():
-            for n, t in result["model"].items():
+            for n, t in tensors.items():
                 model_params[n].copy_(t)
         try:
-            return self.evaluate(params)
+            yield
         finally:
             with torch.no_grad():
-                for n, t in self.original_model.items():
-                    model_params[n].copy_(t)
+                for n in tensors:
+                    model_params[n].copy_(self.original_model[n])
 
 
 def first_question_only(items):
@@ -270,4 +282,10 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if "--protocol" in sys.argv[1:]:  # the 5-draw protocol of issue 9: benchmarks/efficacy.py, every method
+        sys.argv.remove("--protocol")
+        import efficacy
+
+        efficacy.main()
+    else:
+        main()
