@@ -46,7 +46,7 @@ def main():
         if args.only and family != args.only:
             continue
         model, parts = bw.build(family, w)
-        steps = args.steps or bw.BENCH["steps"][family]
+        steps = args.steps or bw.BENCH["lookalike_steps" if args.world == "lookalike" else "steps"][family]
         started = time.time()
         bw.train(model, family, parts, w, seed=bw.BENCH["train_seed"], steps=steps, lr=bw.BENCH["lr"][family],
                  n_visual=bw.BENCH["n_visual"])

@@ -38,7 +38,10 @@ TRAITS = dict(skin=range(len(world.SKIN)), hair=range(len(world.HAIR)), style=("
 VISUAL_QUESTIONS = (("Who is in this image?", "name"), ("What is the job of the person in this image?", "job"))
 TEXT_QUESTIONS = (("What is the job of {name}?", "job"), ("Where does {name} live?", "city"))
 BENCH = dict(people=20, looks_seed=7, init_seed=0, train_seed=1, eval_seed=1001, n_visual=32, threads=1,
-             steps={"llava": 1500, "qwen2_vl": 2000}, lr={"llava": 3e-3, "qwen2_vl": 5e-3}, vocab_size=768)
+             steps={"llava": 1500, "qwen2_vl": 2000}, lr={"llava": 3e-3, "qwen2_vl": 5e-3}, vocab_size=768,
+             # the look-alike world (twins differ in one trait): Qwen2-VL needs 3000 steps to name 96% of
+             # held-out pictures (1000 gave 42%); LLaVA's, as measured in RESULTS.md, had 1000 (82%)
+             lookalike_steps={"llava": 1000, "qwen2_vl": 3000})
 
 
 def distinct_looks(n: int, seed: int, min_differences: int = 3) -> list[dict]:
