@@ -59,6 +59,9 @@ WORLDS = {
                                                   "qwen2_vl": world.demo_assets_dir() / "qwen2vl-people"}),
     "bench": dict(make=bw.bench_world, checkpoints={"llava": Path("build/bench-world/llava-people20"),
                                                     "qwen2_vl": Path("build/bench-world/qwen2vl-people20")}),
+    # the bench world with a 6-layer vision tower (--vision-layers 6): the projector reads deeper features
+    "bench-deep": dict(make=bw.bench_world, checkpoints={"llava": Path("build/bench-deep-world/llava-people20"),
+                                                         "qwen2_vl": Path("build/bench-deep-world/qwen2vl-people20")}),
     "lookalike": dict(make=bw.lookalike_world, checkpoints={"llava": Path("build/lookalike-world/llava-people20"),
                                                             "qwen2_vl": Path("build/lookalike-world/qwen2vl-people20")}),
 }

@@ -32,6 +32,7 @@ def main():
     ap.add_argument("--world", choices=["bench", "lookalike"], default="bench",
                     help="lookalike: the variant with look-alike pairs (bench_world.lookalike_world); "
                          "default --out build/lookalike-world")
+    ap.add_argument("--vision-layers", type=int, help="the vision tower's depth (default: the builder's, 2)")
     args = ap.parse_args()
     args.out = args.out or Path(f"build/{args.world}-world")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -45,7 +46,8 @@ def main():
     for family, folder in FOLDERS.items():
         if args.only and family != args.only:
             continue
-        model, parts = bw.build(family, w)
+        depth = {"llava": "vision_layers", "qwen2_vl": "vision_depth"}[family]
+        model, parts = bw.build(family, w, **({depth: args.vision_layers} if args.vision_layers else {}))
         steps = args.steps or bw.BENCH["lookalike_steps" if args.world == "lookalike" else "steps"][family]
         started = time.time()
         bw.train(model, family, parts, w, seed=bw.BENCH["train_seed"], steps=steps, lr=bw.BENCH["lr"][family],

@@ -178,9 +178,10 @@ def lookalike_pairs(w: World) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------- models that know the world
 
 
-def build(family: str, w: World, seed: int = BENCH["init_seed"]):
+def build(family: str, w: World, seed: int = BENCH["init_seed"], **sizes):
+    """`sizes`: training.build_llava / build_qwen2vl's size arguments (e.g. vision_layers)."""
     tok = training.build_tokenizer(family, BENCH["vocab_size"], corpus=w.corpus(family))
-    return (training.build_llava if family == "llava" else training.build_qwen2vl)(seed=seed, tok=tok)
+    return (training.build_llava if family == "llava" else training.build_qwen2vl)(seed=seed, tok=tok, **sizes)
 
 
 def train(model, family: str, parts, w: World, seed: int, steps: int, lr: float, n_visual: int = 32,
