@@ -26,9 +26,9 @@ The printed table gives, per variant, the WORST case over the seeds of each metr
 it meets the issue's targets (forget exact <= chance+5, MC <= 25+5, retain and twin drop <= 2, text
 answers bit-identical).
 
-`--world bench` / `lookalike` need the checkpoints: python scripts/build_bench_world.py
-[--world lookalike] (build/bench-world, build/lookalike-world). `--world demo` uses the shipped
-8-person checkpoints.
+`--world bench` / `lookalike` / `bench-deep` need the checkpoints: python scripts/build_bench_world.py
+[--world lookalike] (build/bench-world, build/lookalike-world; bench-deep: --vision-layers 6 --out
+build/bench-deep-world, LLaVA with --steps 4000). `--world demo` uses the shipped 8-person checkpoints.
 """
 from __future__ import annotations
 
@@ -199,9 +199,8 @@ def summarise(before, after, probes) -> dict:
 def worst_table(rows: list[dict], probes: bool) -> str:
     """One line per (world, model, forget size, variant): the worst case over the seeds."""
     head = ["world", "model", "forget", "variant", "seeds", "forget exact (max)", "forget MC (max)",
-            "retain drop (max)", "retain MC drop (max)", "twin drop (max)", "text dNLL", "text exact drop (max)", "kept step",
-            "job warnings",
-            "meets targets"]
+            "retain drop (max)", "retain MC drop (max)", "twin drop (max)", "text dNLL", "text exact drop (max)",
+            "kept step", "job warnings", "meets targets"]
     if probes:
         head[-1:-1] = ["relearn steps (min)", "probe (max)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -294,7 +293,7 @@ def main():
         for family in args.models:
             ckpt = spec["checkpoints"][family]
             if not (ckpt / "model.safetensors").exists():
-                sys.exit(f"{ckpt}: missing; build it with python scripts/build_bench_world.py --world {world_name}")
+                sys.exit(f"{ckpt}: missing; build it with python scripts/build_bench_world.py (see this script's help)")
             for seed in args.seeds:  # seeds outermost: a run stopped early still covers every forget size
                 for n_forget in args.forget:
                     probes = args.probes and (args.probe_seeds is None or seed in args.probe_seeds)
