@@ -162,7 +162,8 @@ def run_setting(w, world_name, family, ckpt, n_forget, seed, variants, workdir, 
         check = result.get("check") or {}
         row.update(variant=name, world=world_name, model=family, forget_people=n_forget, seed=seed, forget=forget,
                    twins=twins, wall_s=round(wall, 1), chance=1 / len(w.people), steps_kept=None,
-                   job_warnings=len(check.get("warnings", [])), config=asdict(cfg))
+                   job_warnings=len(check.get("warnings", [])), config=asdict(cfg),
+                   job_check={k: v for k, v in check.items() if k not in ("note", "warnings")})
         rows.append(row)
         log(f"[{world_name} {family} forget {n_forget} seed {seed}] {name}: forget exact {row['forget_exact']:.0f} "
             f"MC {row['forget_mc']:.0f}, retain drop {row['retain_drop']:.1f} (MC {row['retain_mc_drop']:.1f}), "

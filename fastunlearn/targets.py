@@ -11,8 +11,9 @@ of the same picture). The targets:
 
 An unseen view is weaker evidence than an unseen picture, most of all for retention: the retain
 term repairs the very pictures the job trains on, so their views recover while new pictures of the
-same people do not (benchmarks/RESULTS.md, issue 9, second round: views +1.6 points while new
-pictures fell 9.7). A clean check is not a proof; a missed one is a reason not to ship the result.
+same people do not (benchmarks/RESULTS.md, issue 9, fourth round: over 60 runs new pictures lost
+4-39 points in every run, and nothing measured on the check views predicted it). A clean check is
+not a proof; a missed one is a reason not to ship the result.
 """
 from __future__ import annotations
 
