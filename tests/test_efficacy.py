@@ -45,3 +45,6 @@ def test_a_successful_erasure_passes_its_check(variant, folders):
     assert check["forget_after"] <= check["chance"] + 0.05
     assert not any(n.startswith("WARNING: forgetting") for n in notes)
     assert check["retain_before"] is not None and check["retain_after"] is not None
+    # the retain views' answer NLL, before and after (RESULTS.md: what it does and does not predict)
+    assert 0 <= check["retain_nll_before"] < 1 and 0 <= check["retain_nll_after"] < 1
+    assert check["retain_nll_after"] != check["retain_nll_before"]  # the update moved the retain answers
