@@ -36,7 +36,7 @@ from .fingerprints import config_fingerprint, fingerprint_checkpoint, fingerprin
 from .load import check_weights_match_config, compute_dtype, master_params, open_checkpoint
 from .mask import fisher_diagonal, saliency_mask
 from .optimise import optimise
-from .targets import chance_level, missed_targets
+from .targets import RETENTION_ON_NEW_PICTURES, chance_level, missed_targets
 from .write import preflight, write_result
 
 logger = logging.getLogger("fastunlearn")
@@ -177,9 +177,8 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
         log(f"WARNING: {warning}")
     if retain_check:
         log("note: retention was checked on new views of the retain pictures the job trained on, where the retain "
-            "term has already restored them; new pictures of the same people lost 4-39 points in every one of 60 "
-            "benchmark runs, whatever this check said (benchmarks/RESULTS.md). Gate on pictures the job never saw: "
-            "fastunlearn verify ORIGINAL UNLEARNED FORGET_DIR --retain NEW_DIR --max-retain-drop 0.02")
+            f"term has already restored them; {RETENTION_ON_NEW_PICTURES} (benchmarks/RESULTS.md). Gate on pictures "
+            "the job never saw: fastunlearn verify ORIGINAL UNLEARNED FORGET_DIR --retain NEW_DIR --max-retain-drop 0.02")
     phase("evaluate")
 
     changes = tensor_changes(loaded, new)
@@ -196,8 +195,7 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
             "retain": {"before": rb, "after": ra},
         },
         "check": {"note": "exact-answer accuracy on one more augmented view of every picture, never trained on "
-                           "(targets.py); new pictures fare worse, retention most (measured over 60 benchmark runs: new "
-                           "pictures of the kept people lost 4-39 points in every run, whatever the check said)",
+                           f"(targets.py); new pictures fare worse, retention most: {RETENTION_ON_NEW_PICTURES}",
                   "chance": round(chance, 6), "forget_after": fc["greedy_accuracy"],
                   "retain_before": rcb["greedy_accuracy"] if retain_check else None,
                   "retain_after": rca["greedy_accuracy"] if retain_check else None,

@@ -21,6 +21,9 @@ from collections import defaultdict
 
 FORGET_TOLERANCE = 0.05
 RETAIN_TOLERANCE = 0.02
+# what this check cannot see, as measured (benchmarks/RESULTS.md, issue 9, fourth round)
+RETENTION_ON_NEW_PICTURES = ("new pictures of the kept people lost 4-39 points in every one of 60 benchmark runs, "
+                             "whatever this check said")
 
 
 def chance_level(items: list, pool: list) -> float:
