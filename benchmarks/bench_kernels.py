@@ -169,7 +169,9 @@ def variant_fn(variant, ours, eager):
 
 import pytest  # noqa: E402
 
-from fastunlearn.kernels import linear_nll, masked_adamw_, masked_adamw_ref_, projector_mlp  # noqa: E402
+from fastunlearn.kernels.linear_nll import linear_nll  # noqa: E402
+from fastunlearn.kernels.masked_adamw import masked_adamw_, masked_adamw_ref_  # noqa: E402
+from fastunlearn.kernels.projector import projector_mlp  # noqa: E402
 
 VARIANTS = ["fastunlearn", "eager", "compile"]
 PASSES = ["fwd", "bwd", "fwd+bwd"]

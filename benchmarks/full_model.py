@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fastunlearn.data import read_folder
-from fastunlearn.kernels import masked_adamw_
+from fastunlearn.kernels.masked_adamw import masked_adamw_
 from fastunlearn.objectives import forget_loss, retain_nll, uses_retain
 from fastunlearn.batches import make_batches
 from fastunlearn.config import Config, pick_device, seed_everything

@@ -12,7 +12,7 @@ import torch
 
 from .batches import Batch
 from .errors import UserError
-from .kernels import linear_nll
+from .kernels.linear_nll import linear_nll
 
 if TYPE_CHECKING:
     from .load import Loaded

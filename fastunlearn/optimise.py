@@ -9,7 +9,7 @@ from . import distributed as dist
 from .batches import _batch
 from .config import Config, progress, trim_heap
 from .forward import sequence_nll
-from .kernels import masked_adamw_
+from .kernels.masked_adamw import masked_adamw_
 from .objectives import forget_loss, retain_nll, uses_retain
 
 # Sequences per LLM pass within a step (forget and retain together, see `step_gradients`), by device

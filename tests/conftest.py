@@ -8,7 +8,9 @@ import shutil
 # path (the job's real CPU path) except where a test sets TRITON_INTERPRET=1 itself.
 _saved = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
-import fastunlearn.kernels  # noqa: E402,F401
+import fastunlearn.kernels.linear_nll  # noqa: E402,F401
+import fastunlearn.kernels.masked_adamw  # noqa: E402,F401
+import fastunlearn.kernels.projector  # noqa: E402,F401
 
 if _saved is None:
     del os.environ["TRITON_INTERPRET"]

@@ -29,18 +29,10 @@ if not ON_CUDA and "triton" not in sys.modules:
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import fastunlearn.kernels as K  # noqa: E402
-from fastunlearn.kernels import (  # noqa: E402
-    linear_nll,
-    linear_nll_ref,
-    masked_adamw_,
-    masked_adamw_ref_,
-    projector_mlp,
-    projector_mlp_ref,
-    use_triton,
-)
-
-from fastunlearn.kernels.dispatch import DEFINED_INTERPRETED  # noqa: E402
+from fastunlearn.kernels.dispatch import DEFINED_INTERPRETED, use_triton  # noqa: E402
+from fastunlearn.kernels.linear_nll import linear_nll, linear_nll_ref  # noqa: E402
+from fastunlearn.kernels.masked_adamw import masked_adamw_, masked_adamw_ref_  # noqa: E402
+from fastunlearn.kernels.projector import projector_mlp, projector_mlp_ref  # noqa: E402
 
 CANNOT_RUN = None  # why the kernels cannot run in this process; every test then fails with it
 if not ON_CUDA and not DEFINED_INTERPRETED:

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoProcessor
 
 from ..errors import UserError
-from ..kernels import projector_mlp
+from ..kernels.projector import projector_mlp
 from . import Adapter
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoTokenizer
 
-from ..kernels import projector_mlp
+from ..kernels.projector import projector_mlp
 from . import Adapter
 
 
