@@ -107,9 +107,17 @@ def _rows_only(part: torch.nn.Module, rows: torch.Tensor, n_rows: int) -> list:
     return [part.register_forward_pre_hook(gather), part.register_forward_hook(scatter)]
 
 
+def lm_head_input(loaded: Loaded, params, batch: Batch) -> torch.Tensor:
+    """answer_hidden times the family's logit scale: (s h) W^T = s (h W^T), so the NLLs are those of the
+    model's own logits without a scaled [tokens, vocab] product."""
+    hidden = answer_hidden(loaded, params, batch)
+    scale = loaded.adapter.logit_scale(loaded.model)
+    return hidden if scale == 1.0 else hidden * scale
+
+
 def sequence_nll(loaded: Loaded, params, batch: Batch) -> torch.Tensor:
     """Per-sequence sum of answer-token NLLs, [B], float32."""
-    hidden = answer_hidden(loaded, params, batch)
+    hidden = lm_head_input(loaded, params, batch)
     lm_head = loaded.model.get_output_embeddings().weight
     token_nll = linear_nll(hidden, lm_head, batch.targets)
     return torch.zeros(len(batch.lengths), device=hidden.device).index_add(0, batch.answer_seq, token_nll)
@@ -121,7 +129,7 @@ def score(loaded: Loaded, params, batches: list[Batch]) -> dict:
     nll, correct = [], []
     lm_head = loaded.model.get_output_embeddings().weight
     for batch in batches:
-        hidden = answer_hidden(loaded, params, batch)
+        hidden = lm_head_input(loaded, params, batch)
         logits = (hidden @ lm_head.T).float()
         token_nll = torch.nn.functional.cross_entropy(logits, batch.targets, reduction="none")
         wrong = (logits.argmax(-1) != batch.targets).float()

@@ -295,3 +295,28 @@ def test_answer_rows_only_in_the_last_layer_give_the_same_nll_and_gradient(famil
         assert (g is None) == (e is None)
         if g is not None:
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6 * max(1.0, float(e.abs().max())))
+
+
+@pytest.mark.parametrize("family", ["aya_vision", "vipllava"])
+def test_answer_nll_is_the_models_own_loss(family, tiny, data):
+    """The job's answer NLL (cached features, answer rows only) equals the cross-entropy of the model's
+    own logits on the pixels, the family's logit scale included (Aya Vision's Cohere2: 0.5 here)."""
+    from transformers import __version__ as transformers_version
+
+    from fastunlearn.forward import score
+
+    loaded = open_checkpoint(tiny(family), torch.device("cpu"))
+    picture = sorted((data / "forget").rglob("*.png"))[0]
+    item = Item(picture, world.VISUAL_QUESTION, "Bruno Tanaka", "b")
+    sample = cache_samples(loaded, [item], "check")[0]
+    got = score(loaded, master_params(loaded), make_batches(loaded, [sample], 1))["nll"][0]
+    inputs = loaded.adapter.generate_inputs(loaded.model, sample.input_ids, _pixels(loaded, picture))
+    with torch.no_grad():
+        logits = loaded.model(**inputs, use_cache=False).logits[0]
+    scale = loaded.adapter.logit_scale(loaded.model)
+    if family == "aya_vision" and tuple(map(int, transformers_version.split(".")[:2])) < (5, 25):
+        logits = logits * scale  # transformers 5.24's AyaVision forward dropped Cohere2's logit scale
+    answer = sample.input_ids[sample.answer_start:]
+    expected = torch.nn.functional.cross_entropy(logits[sample.answer_start - 1:-1].float(), answer, reduction="sum")
+    assert scale == (0.5 if family == "aya_vision" else 1.0)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -301,7 +301,8 @@ def aya_vision():
     marks = ["<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE", "TILE_GLOBAL"]
     tok = tokenizer(["<image>", *marks], chat_template("<image>", "<s>"))
     config = AyaVisionConfig(
-        text_config={"model_type": "llama", **text_config(tok)},
+        # Cohere2, as on the Hub; a logit scale other than 1 checks that the job's NLLs apply it
+        text_config={"model_type": "cohere2", **text_config(tok), "logit_scale": 0.5, "layer_types": ["full_attention"] * 2},
         vision_config={"model_type": "siglip_vision_model", **V, "image_size": 8, "patch_size": 2},
         downsample_factor=2, vision_feature_layer=-1, vision_feature_select_strategy="full",
         image_token_id=ids(tok, "<|IMG_PATCH|>")[0], tie_word_embeddings=False)

@@ -109,6 +109,10 @@ class Adapter:
         return (self.projector_prefix,)
 
     # -- model pieces
+    def logit_scale(self, model) -> float:
+        """The factor the family's forward multiplies the lm_head's logits by (1 for most)."""
+        return 1.0
+
     def vision_features(self, model, pixel: dict) -> torch.Tensor:
         """Pre-projector features of one image: [rows, features]. Everything the frozen vision side
         computes, so that the connector is the only function of the trained parameters."""

@@ -19,6 +19,11 @@ class AyaVisionAdapter(ProcessorAdapter):
     pooler_output_tensor = True
     batch_views = True
 
+    def logit_scale(self, model) -> float:
+        # Cohere's LLMs are trained with scaled logits; AyaVisionForConditionalGeneration applies the
+        # scale from transformers 5.25 on (5.24 dropped it), and the job's NLLs use it on every version
+        return float(getattr(model.config.get_text_config(), "logit_scale", 1.0))
+
     def project_one(self, model, module, params, features, grid):
         n_tiles = int(grid["num_patches"][0])
         out = call(module, params, "", features.view(n_tiles, -1, features.shape[-1]))
