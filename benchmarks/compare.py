@@ -8,7 +8,7 @@ whole model (LLM included). Same data, views, batch size and steps for every met
 
     python benchmarks/compare.py --protocol [benchmarks/efficacy.py's options]
 
-`--protocol` runs issue 9's protocol instead (benchmarks/efficacy.py: every method of its VARIANTS,
+`--protocol` runs the efficacy protocol instead (benchmarks/efficacy.py: every method of its VARIANTS,
 projector-only and whole-model, worst case over 5 draws of the pictures, both worlds).
 
 `--world bench` needs the 20-person checkpoints: python scripts/build_bench_world.py (build/bench-world).
@@ -282,7 +282,7 @@ def main():
 
 
 if __name__ == "__main__":
-    if "--protocol" in sys.argv[1:]:  # the 5-draw protocol of issue 9: benchmarks/efficacy.py, every method
+    if "--protocol" in sys.argv[1:]:  # the 5-draw efficacy protocol: benchmarks/efficacy.py, every method
         sys.argv.remove("--protocol")
         import efficacy
 

@@ -1,4 +1,4 @@
-"""Efficacy protocol (issue 9): does the DEFAULT erase the forgotten people on held-out pictures and
+"""Efficacy protocol: does the DEFAULT erase the forgotten people on held-out pictures and
 keep everyone else, in the worst case over random draws?
 
     python benchmarks/efficacy.py [--worlds bench lookalike] [--models llava qwen2_vl] [--forget 1 2 4]

@@ -49,7 +49,7 @@ job_rc=$?
 tail -n 8 "$OUT/bench_job.log"
 [ "$job_rc" -ne 0 ] && status=1
 
-# issue 12: torchrun on NCCL, one GPU per rank: the same job on 1 process and on 2 ranks, the LLM
+# torchrun on NCCL, one GPU per rank: the same job on 1 process and on 2 ranks, the LLM
 # replicated and FSDP2-sharded (--shard-llm); prints the max |projector difference| and phase times.
 ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 if [ "$ngpu" -ge 2 ]; then

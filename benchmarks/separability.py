@@ -1,4 +1,4 @@
-"""Can any edit of the projector single out the forgotten people on new pictures? (issue 9)
+"""Can any edit of the projector single out the forgotten people on new pictures?
 
     python benchmarks/separability.py [--worlds bench lookalike] [--models llava qwen2_vl]
                                       [--forget 1 2 4] [--seeds 0 1 2 3 4] [--workdir build/efficacy]

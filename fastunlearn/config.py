@@ -27,7 +27,7 @@ class Config:
     max_new_tokens: int = 32
     device: str = "auto"
     seed: int = 0
-    shard_llm: bool = False  # issue 12: under torchrun, FSDP2-shard the frozen LLM's decoder layers over the ranks
+    shard_llm: bool = False  # under torchrun, FSDP2-shard the frozen LLM's decoder layers over the ranks
 
     def check(self):
         if self.method not in METHODS:

@@ -1,4 +1,4 @@
-"""Samples and batches split over the ranks of a torchrun job (issue 12; distributed.py holds the
+"""Samples and batches split over the ranks of a torchrun job (distributed.py holds the
 process group, the agreement on inputs, the collectives and the rank-0 write).
 
 Pictures are owned round-robin (picture k -> rank k % N): a rank answers, caches and computes only

@@ -1,4 +1,4 @@
-"""Beyond one process (issue 12): data parallelism on torch.distributed, launched by torchrun.
+"""Beyond one process: data parallelism on torch.distributed, launched by torchrun.
 
     torchrun --nproc-per-node N -m fastunlearn apply CKPT FORGET_DIR --retain DIR ...
 

@@ -1,5 +1,5 @@
 """sha256 fingerprints of a job's inputs, which every torchrun rank states before any work
-(`distributed.agree`, issue 12): the checkpoint folder, a data folder, the options."""
+(`distributed.agree`): the checkpoint folder, a data folder, the options."""
 from __future__ import annotations
 
 import hashlib

@@ -99,7 +99,7 @@ def open_checkpoint(ckpt: Path, device: torch.device, llm_later: bool = False) -
     if device.type == "cpu" and dtype != torch.float32 and _rounded_buffers(model, dtype):
         del model  # a buffer the model computes when built (Gemma's embed_scale) would differ from fp32's
         model = _from_pretrained(ckpt, torch.float32)
-    if not shards.place_sharded(model, device):  # issue 12: FSDP2-sharded LLM under torchrun --shard-llm
+    if not shards.place_sharded(model, device):  # FSDP2-sharded LLM under torchrun --shard-llm
         model.to(device)
     processor = adapter.load_processor(ckpt)
 

@@ -39,10 +39,10 @@ def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, c
     Memory: `chunk` copies of the projector and their gradients on top of one batch's activations."""
     chunk = chunk or pass_size(loaded.device)  # bounds the activations as a training step's passes do
     chosen = fisher_samples(samples, limit)
-    total, chosen = len(chosen), shards.local_samples(chosen)  # issue 12: each rank its own share
+    total, chosen = len(chosen), shards.local_samples(chosen)  # each rank its own share of the pictures
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     for i in progress(range(0, len(chosen), chunk), desc="fisher"):
-        # issue 12: a sharded LLM runs zero-weight stand-ins in lockstep (their NLL counts 0)
+        # a sharded LLM runs zero-weight stand-ins in lockstep (their NLL counts 0): every rank joins each collective
         part, padding = zip(*(shards.unpad(s) for s in chosen[i : i + chunk]))
         with_picture = [j for j, s in enumerate(part) if s.features is not None]
         if not with_picture:  # text only: the projector gets no gradient (still one lockstep pass)
@@ -59,7 +59,7 @@ def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, c
         del copies, per_picture, nll, grads
         if loaded.device.type == "cpu":
             trim_heap()  # see config.trim_heap: the peak stays at one chunk's activations
-    fisher = dist.all_reduce_sum(fisher)  # issue 12: identity on one process
+    fisher = dist.all_reduce_sum(fisher)  # the sum over ranks; identity on one process
     return {n: f / total for n, f in fisher.items()}
 
 

@@ -16,7 +16,7 @@ from .objectives import forget_loss, retain_nll, uses_retain
 # type. Measured on the CPU LLaVA of benchmarks/bench_e2e.py (16 sequences of 79 tokens a step, 2
 # threads): one pass of 16 took 0.58 s, 2 x 8 0.63 s, 4 x 4 0.76 s on idle cores; at 40 steps the
 # job's peak RSS was 793 MB with passes of 8 and 706 MB with 4 (the naive job's: 1512 MB), for 10%
-# more optimisation time. A CPU takes 4 (the memory goal of issue 10); CUDA 8 (not measured there).
+# more optimisation time. A CPU takes 4 (peak memory: benchmarks/RESULTS.md); CUDA 8 (not measured there).
 STEP_PASS = {"cpu": 4, "cuda": 8}
 
 
@@ -37,7 +37,7 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
         if not dist.active():
             grads, loss_value = step_gradients(loaded, trainable, fb, rb, cfg, pass_size(loaded.device))
         else:
-            # issue 12: shards.local_term is this rank's share of term(batch)
+            # shards.local_term is this rank's share of term(batch)
             loss = shards.local_term(fb, "seqs", trainable, lambda b: forget_loss(
                 cfg.method, sequence_nll(loaded, trainable, b), b.ref_nll, b.lengths, cfg.beta))
             if rb is not None:

@@ -78,7 +78,7 @@ def reproduce_info(result: dict) -> dict:
                                                                         "mask", "mask_threshold", "views", "batch_size",
                                                                         "seed") if k in cfg)
     world = result.get("distributed", {}).get("world_size", 1)
-    if world > 1:  # issue 12: the same job under torchrun; reduction order depends on the world size
+    if world > 1:  # the same job under torchrun: sums are reduced in another order
         options += " --shard-llm" if cfg.get("shard_llm") else ""
     return {
         "seed": cfg["seed"],
@@ -100,7 +100,7 @@ def _folder_sha(folder) -> str:
 
 
 def build_report(result: dict, proof: dict, source: Path, forget_dir, retain_dir) -> dict:
-    """`forget_dir`: one folder or a list of them (one erasure request each, issue 12)."""
+    """`forget_dir`: one folder or a list of them (one erasure request each)."""
     before, after, expected = proof["before"], proof["after"], proof["expected"]
     forget_dirs = [forget_dir] if isinstance(forget_dir, (str, Path)) else list(forget_dir)
     changed_files = sorted({c["file"] for c in result["changes"]})
@@ -152,7 +152,7 @@ def build_report(result: dict, proof: dict, source: Path, forget_dir, retain_dir
                 if retain_dir else None
             ),
         },
-        # issue 12: each erasure request of the job (one per forget folder), by hash only
+        # each erasure request of the job (one per forget folder), by hash only
         "requests": [
             {"folder_sha256": _folder_sha(r["folder"]),
              **{k: v for k, v in describe_items(r["items"]).items() if k != "items_sha256"},

@@ -1,4 +1,4 @@
-"""The job's own check of its targets (issue 9), printed as warnings instead of a silent success.
+"""The job's own check of its targets, printed as warnings instead of a silent success.
 
 After the update, the job scores every forget and retain picture on one more augmented view of it
 that the optimisation never saw (view `views + 1`: another shift, scale, tilt, mirror and lighting
@@ -11,7 +11,7 @@ of the same picture). The targets:
 
 An unseen view is weaker evidence than an unseen picture, most of all for retention: the retain
 term repairs the very pictures the job trains on, so their views recover while new pictures of the
-same people do not (benchmarks/RESULTS.md, issue 9, fourth round: over 60 runs new pictures lost
+same people do not (benchmarks/RESULTS.md, efficacy, fourth round: over 60 runs new pictures lost
 4-39 points in every run, and nothing measured on the check views predicted it). A clean check is
 not a proof; a missed one is a reason not to ship the result.
 """
@@ -21,7 +21,7 @@ from collections import defaultdict
 
 FORGET_TOLERANCE = 0.05
 RETAIN_TOLERANCE = 0.02
-# what this check cannot see, as measured (benchmarks/RESULTS.md, issue 9, fourth round)
+# what this check cannot see, as measured (benchmarks/RESULTS.md, efficacy, fourth round)
 RETENTION_ON_NEW_PICTURES = ("new pictures of the kept people lost 4-39 points in every one of 60 benchmark runs, "
                              "whatever this check said")
 
