@@ -3,9 +3,13 @@ vision tower once; its pre-projector features are kept in memory up to a budget,
 The vision tower is dropped afterwards. Items without an answer get the model's own greedy one."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import linecache
 import os
+import re
 import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -96,6 +100,59 @@ class Sample:
     view: int = 0  # 0: the picture itself; k > 0: its k-th augmented variant (training only)
 
 
+# code that runs the checkpoint's processor files: an exception raised in it is the checkpoint's problem
+PROCESSOR_CODE = ("transformers.", "tokenizers", "jinja2", "PIL.")
+
+
+@contextlib.contextmanager
+def processor_errors(loaded: Loaded, image: Path | None):
+    """An exception raised inside the checkpoint's processor, image processor, tokenizer or chat
+    template (a setting left unset, a template that does not render) ends the job with one line
+    naming the checkpoint, the processor and the setting involved, instead of a traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        frames = [frame for frame, _ in traceback.walk_tb(e.__traceback__)]
+        if not any(str(f.f_globals.get("__name__", "")).startswith(PROCESSOR_CODE) for f in frames):
+            raise  # not raised by the processor: a bug, shown with its traceback
+        raise UserError(processor_failure(loaded, e, frames, image)) from None
+
+
+def processor_failure(loaded: Loaded, error: Exception, frames: list, image: Path | None) -> str:
+    """One line: checkpoint, processor class, what failed, and, when the failing line of the processor
+    code reads a setting that is unset (None), that setting and the file that should hold it."""
+    ckpt, processor = loaded.ckpt, loaded.processor
+    name = getattr(loaded.adapter, "processor_class", "") or type(processor).__name__
+    image_file = "preprocessor_config.json" if (ckpt / "preprocessor_config.json").exists() else "processor_config.json"
+    parts = {id(processor): "processor_config.json", id(getattr(processor, "tokenizer", None)): "tokenizer_config.json",
+             id(getattr(processor, "image_processor", None)): image_file}
+    hint = ""
+    for frame in reversed(frames):  # the innermost frame of the processor's own code that reads an unset setting
+        owner = frame.f_locals.get("self")
+        if id(owner) not in parts:
+            continue
+        line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+        unset = [m.group(2) for m in re.finditer(r"\b(self\.)?([A-Za-z_]\w*)", line)
+                 if (getattr(owner, m.group(2), 0) if m.group(1) else frame.f_locals.get(m.group(2), 0)) is None]
+        if unset:
+            hint = f"; {unset[0]} is not set: add it to {ckpt / parts[id(owner)]}"
+            break
+    if not hint and any(str(f.f_globals.get("__name__", "")).startswith("jinja2") for f in frames):
+        hint = "; its chat template does not render (chat_template.jinja, chat_template.json or tokenizer_config.json)"
+    message = (str(error).strip().splitlines() or [""])[0][:200]
+    picture = f" on {image}" if image is not None else ""
+    return (f"{ckpt}: the checkpoint's {name} failed{picture} ({error.__class__.__name__}: {message}){hint}; "
+            "fix the checkpoint's processor files")
+
+
+def _encode(loaded: Loaded, pixel: dict | None, question: str, answer: str | None, image: Path | None):
+    """adapter.encode (chat template, placeholder expansion, tokenizer), its processor errors in one line."""
+    with processor_errors(loaded, image):
+        return loaded.adapter.encode(loaded.processor, loaded.model.config, pixel, question, answer)
+
+
 def _pixels(loaded: Loaded, image: Path, view: int = 0, seed: int = 0) -> dict:
     """Processor inputs of a picture (view 0) or of its augmented view `view` (keyed by content).
     Only the last few are kept: items come grouped by picture, and a folder may not fit in memory."""
@@ -107,7 +164,8 @@ def _pixels(loaded: Loaded, image: Path, view: int = 0, seed: int = 0) -> dict:
         if view:
             digest = hashlib.sha256(image.read_bytes()).hexdigest()
             picture = augmented_view(picture, f"{digest}:{seed}:{view}")
-        cache[image, view] = loaded.adapter.pixel_inputs(loaded.processor, picture)
+        with processor_errors(loaded, image):
+            cache[image, view] = loaded.adapter.pixel_inputs(loaded.processor, picture)
         while len(cache) > PIXEL_CACHE_PICTURES:
             cache.popitem(last=False)
     return cache[image, view]
@@ -120,7 +178,7 @@ def greedy_answers(loaded: Loaded, items: list[Item], max_new_tokens: int) -> li
     answers = []
     for item in progress(items, desc="greedy answers"):
         pixel = _pixels(loaded, item.image) if item.image is not None else None
-        enc = adapter.encode(loaded.processor, model.config, pixel, item.question, None)
+        enc = _encode(loaded, pixel, item.question, None, item.image)
         inputs = adapter.generate_inputs(model, enc.input_ids.to(loaded.device), pixel)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
@@ -149,7 +207,7 @@ def cache_samples(loaded: Loaded, items: list[Item], desc: str, views: int = 0, 
     samples = []
     for item in progress(items, desc=f"caching {desc} features"):
         if item.image is None:
-            enc = adapter.encode(loaded.processor, model.config, None, item.question, item.answer)
+            enc = _encode(loaded, None, item.question, item.answer, None)
             samples.append(Sample(enc.input_ids, enc.answer_start, None, None, 0))
             continue
         sampled = range(first_view, first_view + 1 + views)
@@ -161,7 +219,7 @@ def cache_samples(loaded: Loaded, items: list[Item], desc: str, views: int = 0, 
         for view in sampled:
             pixel = _pixels(loaded, item.image, view, seed)
             grid = {k: v for k, v in pixel.items() if k != "pixel_values"}
-            enc = adapter.encode(loaded.processor, model.config, pixel, item.question, item.answer)
+            enc = _encode(loaded, pixel, item.question, item.answer, item.image)
             samples.append(Sample(enc.input_ids, enc.answer_start, loaded.feature_cache[item.image, view], grid, view))
     return samples
 

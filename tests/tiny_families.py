@@ -254,7 +254,8 @@ def qwen3_vl():
                                                      "mrope_interleaved": True, "rope_theta": 1e4}}, 64, 16)
 
 
-def mllama():
+def mllama(gate: float = 1.0):
+    """`gate`: every cross-attention gate's value; 0 (as initialised) shuts pictures out of every answer."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
@@ -274,7 +275,7 @@ def mllama():
         for layer in model.model.language_model.layers:
             for name in ("cross_attn_attn_gate", "cross_attn_mlp_gate"):
                 if hasattr(layer, name):
-                    getattr(layer, name).fill_(1.0)
+                    getattr(layer, name).fill_(gate)
     return model, [processor]
 
 
@@ -402,10 +403,38 @@ def vipllava():
 
 FAMILIES = {"qwen3_vl_moe": qwen3_vl_moe, "glm4v_moe": glm4v_moe, "llava_next_video": llava_next_video,
             "vipllava": vipllava, "glm4v": glm4v, "deepseek_vl": deepseek_vl, "aya_vision": aya_vision, "idefics2": idefics2, "mllama": mllama, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava_next": llava_next, "llava_onevision": llava_onevision, "mistral3": mistral3, "internvl": internvl,
-            "paligemma": paligemma, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm}
+            "paligemma": paligemma, "gemma3": gemma3, "idefics3": idefics3, "smolvlm": smolvlm,
+            "mllama_zero_gates": lambda: mllama(gate=0.0)}
 
 
-def build(family: str, out: Path, dtype=None, shard: str | None = None, seed: int = 0) -> Path:
+# picture tiling as the family's Hub checkpoints ship it, scaled to the tiny towers (tile = vision image_size):
+# SmolVLM / Idefics3 split a picture into up to 4x4 sub-images (size 4 x max_image_size), LLaVA-NeXT has
+# llava-v1.6's five grids, LLaVA-OneVision up to 6x6 tiles (more than 9 are downscaled: anyres_max_9), and
+# Gemma 3's pan-and-scan is on with the rest of its settings left null, as Hub files leave them
+HUB_TILING = {
+    "smolvlm": dict(do_image_splitting=True, size={"longest_edge": 32}),
+    "idefics3": dict(do_image_splitting=True, size={"longest_edge": 32}),
+    "llava_next": dict(image_grid_pinpoints=[[16, 32], [32, 16], [32, 32], [48, 16], [16, 48]]),
+    "llava_onevision": dict(image_grid_pinpoints=[[16 * i, 16 * j] for i in range(1, 7) for j in range(1, 7)]),
+    "gemma3": dict(do_pan_and_scan=True, pan_and_scan_min_crop_size=16),
+}
+
+
+def hub_tiling(family, model, parts) -> None:
+    """Turn on HUB_TILING[family] in the image processor (and config.json's grid) before saving."""
+    for part in parts:
+        image_processor = getattr(part, "image_processor", part)
+        if type(image_processor).__name__.endswith("ImageProcessorPil"):
+            for key, value in HUB_TILING[family].items():
+                setattr(image_processor, key, value)
+    if "image_grid_pinpoints" in HUB_TILING[family]:
+        model.config.image_grid_pinpoints = HUB_TILING[family]["image_grid_pinpoints"]
+
+
+def build(family: str, out: Path, dtype=None, shard: str | None = None, seed: int = 0, tiling: bool = False) -> Path:
+    """`tiling`: with HUB_TILING's settings."""
     torch.manual_seed(seed)
     model, parts = FAMILIES[family]()
+    if tiling:
+        hub_tiling(family, model, parts)
     return save(model.eval(), parts, out, dtype, shard)

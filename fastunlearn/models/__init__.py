@@ -38,6 +38,12 @@ class Adapter:
     def check_config(self, config) -> None:
         """Raise UserError for configurations this adapter cannot handle."""
 
+    def connector_ignored(self, model) -> str:
+        """What to tell the user when the forget answers' gradient with respect to the connector is zero
+        (families add what in the model's weights shuts the pictures out)."""
+        return ("the forget answers' gradient with respect to the connector is zero: they do not depend on it, so "
+                "editing it cannot erase anything")
+
     # -- text and pixels
     def prompt(self, processor, question: str, with_image: bool) -> str:
         """The generation prompt, from the checkpoint's chat template when it has one."""

@@ -70,13 +70,27 @@ class ProcessorAdapter(Adapter):
 
         ckpt = Path(ckpt)
         settings = self.processor_files(ckpt)
+        derived = self.missing_settings(ckpt, settings)
         try:
-            processor = AutoProcessor.from_pretrained(ckpt, trust_remote_code=False)
+            processor = AutoProcessor.from_pretrained(ckpt, trust_remote_code=False, **derived)
             if hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
                 return processor
         except Exception:  # noqa: BLE001 - any failure: build it from its parts below
             pass
-        return self.processor_from_parts(ckpt, settings)
+        return self.processor_from_parts(ckpt, {**derived, **settings})
+
+    def settings_from_config(self, config) -> dict:
+        """Processor settings that the model's config fixes (how many tokens the connector makes per
+        picture or tile), by their processor_config.json names."""
+        return {}
+
+    def missing_settings(self, ckpt: Path, settings: dict) -> dict:
+        """settings_from_config's values for the keys processor_config.json (`settings`) lacks: without
+        them the processor's class defaults (a released model's token count) would be used."""
+        from transformers import AutoConfig
+
+        wanted = self.settings_from_config(AutoConfig.from_pretrained(ckpt, trust_remote_code=False))
+        return {k: v for k, v in wanted.items() if k not in settings}
 
     def processor_files(self, ckpt: Path) -> dict:
         """Check that the checkpoint holds a tokenizer and an image processor; its processor settings."""

@@ -19,6 +19,14 @@ class Gemma3Adapter(ProcessorAdapter):
     pooler_output_tensor = True
     batch_views = True
 
+    def pixel_inputs(self, processor, image):
+        """The image processor's settings; those it leaves null (Hub files leave pan-and-scan's crop size,
+        crop count and ratio null) get Gemma3Processor's defaults, as a processor call would give them."""
+        image_processor = processor.image_processor
+        defaults = {k: v for k, v in getattr(type(processor), "images_kwargs", {}).items()
+                    if getattr(image_processor, k, None) is None}
+        return dict(image_processor(images=[image], return_tensors="pt", **defaults))
+
     def project_one(self, model, module, params, features, grid):
         vision = model.config.vision_config
         crops = features.view(-1, (vision.image_size // vision.patch_size) ** 2, features.shape[-1])

@@ -30,6 +30,11 @@ class Idefics3Adapter(ProcessorAdapter):
     def pixel_inputs(self, processor, image):
         return dict(processor.image_processor(images=[[image]], return_tensors="pt", return_row_col_info=True))
 
+    def settings_from_config(self, config):
+        """`<image>` tokens per sub-image: its patches, pixel-shuffled by scale_factor."""
+        vision = config.vision_config
+        return {"image_seq_len": (vision.image_size // vision.patch_size) ** 2 // config.scale_factor ** 2}
+
     def project_one(self, model, module, params, features, grid):
         vision = model.config.vision_config
         sub_images = features.view(-1, (vision.image_size // vision.patch_size) ** 2, features.shape[-1])
@@ -57,7 +62,8 @@ class SmolVLMAdapter(Idefics3Adapter):
     processor_module = "smolvlm"
 
     def load_processor(self, ckpt):
-        return self.processor_from_parts(Path(ckpt), self.processor_files(Path(ckpt)))
+        settings = self.processor_files(Path(ckpt))
+        return self.processor_from_parts(Path(ckpt), {**self.missing_settings(Path(ckpt), settings), **settings})
 
     def build_processor(self, tokenizer, image_processor, kwargs):
         if kwargs.get("chat_template"):
@@ -81,6 +87,9 @@ class Idefics2Adapter(Idefics3Adapter):
 
     def pixel_inputs(self, processor, image):
         return dict(processor.image_processor(images=[[image]], return_tensors="pt"))
+
+    def settings_from_config(self, config):
+        return {"image_seq_len": config.perceiver_config.resampler_n_latents}  # the resampler's latents
 
     def expand_prompt(self, processor, model_config, prompt, pixel):
         """As Idefics2Processor.__call__ writes it (the processor has no replace_image_token)."""

@@ -19,3 +19,13 @@ class InternVLAdapter(ProcessorAdapter):
     needs_video_processor = True
     pooler_output_tensor = True
     batch_views = True
+
+    def settings_from_config(self, config):
+        """`<IMG_CONTEXT>` tokens per tile: the tile's patch grid, pixel-shuffled by downsample_ratio."""
+        vision = config.vision_config
+        (h, w), (ph, pw) = (_pair(vision.image_size), _pair(vision.patch_size))
+        return {"image_seq_length": int(h // ph * config.downsample_ratio) * int(w // pw * config.downsample_ratio)}
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)

@@ -43,5 +43,9 @@ class Mistral3Adapter(ProcessorAdapter):
                            image_break_token=kwargs.get("image_break_token", "[IMG_BREAK]"),
                            image_end_token=kwargs.get("image_end_token", "[IMG_END]"))
 
+    def settings_from_config(self, config):
+        """[IMG] tokens per picture follow from the tower's patch size and the merger's spatial_merge_size."""
+        return {"patch_size": config.vision_config.patch_size, "spatial_merge_size": config.spatial_merge_size}
+
     def project_one(self, model, module, params, features, grid):
         return call(module, params, "", features, grid["image_sizes"])

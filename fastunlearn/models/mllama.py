@@ -47,6 +47,14 @@ class MllamaAdapter(ProcessorAdapter):
         module = self.projector_module(model)
         return [call(module, params, "", f) for f in features]
 
+    def connector_ignored(self, model):
+        gates = [p for n, p in model.named_parameters() if n.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate"))]
+        if gates and all(not g.any() for g in gates):
+            return (super().connector_ignored(model) + " (every cross-attention gate, cross_attn_attn_gate and "
+                    "cross_attn_mlp_gate, is 0 as in a freshly initialised model, so pictures never reach the LLM: "
+                    "use a trained checkpoint)")
+        return super().connector_ignored(model)
+
     def cross_attention_mask(self, model, input_ids, grids):
         from transformers.models.mllama.processing_mllama import (convert_sparse_cross_attention_mask_to_dense,
                                                                   get_cross_attention_token_mask)
