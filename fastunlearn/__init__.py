@@ -11,6 +11,8 @@ The public API is what this module exports; everything else may change.
                                 max_forget_accuracy=0.3, max_retain_drop=0.02)
     assert result["passed"], [c for c in result["checks"] if not c["passed"]]
     fastunlearn.patch("another-copy-of-llava-ckpt", "delta.safetensors")   # a delta saved by apply
+    table = fastunlearn.evaluate_benchmark("llava-ckpt", "llava-unlearned", "mllmu-bench", "out/forget_5",
+                                           test="out/Test_Set", retain="out/retain_95")   # the benchmark's metrics
 
 Reports are plain dicts (JSON-serialisable). Bad input raises `UserError` (one line, what is wrong
 and what to do) before anything is written; its subclasses tell refusals apart (errors.py). Notes
@@ -25,6 +27,7 @@ _PUBLIC = {
     "verify": "verification",
     "patch": "patching",
     "convert": "convert",
+    "evaluate_benchmark": "benchmark",
     "Config": "config",
     "UserError": "errors",
     "WrongCheckpoint": "errors",

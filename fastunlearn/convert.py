@@ -8,24 +8,36 @@ config per folder (`forget_5/train-00000-of-00001.parquet`, or the parquet-conve
 `train`) becomes one folder OUT_DIR/<split>/, usable as FORGET_DIR or --retain DIR:
 
     OUT_DIR/<split>/<person>/<row>.<png|jpg|webp|bmp>   the picture bytes as stored
-    OUT_DIR/<split>/<person>/qa.jsonl                   {"image": "<row>.png", "question", "answer"}
+    OUT_DIR/<split>/<person>/qa.jsonl                   {"image": "<row>.png", "question", "answer",
+                                                         "kind"[, "options"]} (fastunlearn.data)
+    OUT_DIR/<split>.text.jsonl                          text-only questions, {"question", "answer",
+                                                         "kind"[, "options"], "subject"} (only when
+                                                         the split has some)
 
-(no <person> level where the split names no one). Which columns become what:
+(no <person> level where the split names no one). The text file sits beside the split's folder,
+not in it: its lines have no picture, so a forget folder must not hold them; `verify --text` and
+`evaluate --text` read it. Which columns become what:
 
 MLLMU-Bench (github.com/franciscoliu/MLLMU-Bench, eval.py and data_process/data_preprocess.py):
   - profile splits (forget_N, retain_N, Full_Set, Retain_Set, Test_Set): columns `ID`, `image`
-    (or `images`, the list of extra pictures of Test_Set) and `Generation_Task`. Person = `ID`;
-    QA = the `Generation_Task` entries with `Type` == "Image_Textual": `Question` -> question,
-    `Ground_Truth` -> answer. "Pure_Text" entries are text-only (they never reach the projector)
-    and are skipped; `Classification_Task` (multiple choice) and `Mask_Task` (fill in the blank)
-    are not converted.
+    (or `images`, the list of extra pictures of Test_Set), `Generation_Task`, and, when present,
+    `Classification_Task` and `Mask_Task`. Person = `ID`. Every task is kept: `Generation_Task`
+    entries (`Question` -> question, `Ground_Truth` -> answer) are "generation" lines,
+    `Classification_Task` questions (`Question`, `Options` {A..D}, `Correct_Answer` a letter) are
+    "choice" lines whose answer is the correct option's text, `Mask_Task` entries (`Question`
+    with "__", `Ground_Truth`) are "cloze" lines. Entries of `Type` "Image_Textual" (and
+    `Image_Textual_Questions`) go with each of the row's pictures; "Pure_Text" ones (and
+    `Pure_Text_Questions`) go, once per row, to the split's text file. Entries that are malformed
+    (no question or answer, a correct letter that is no option, two options with the correct
+    text) are counted as skipped.
   - training splits (ft_Data, and the forget_N / retain_N of MLLMMU/baseline_train_split):
     columns `image` and `metadata` (a JSON list of {"Question", "Answer"}); person = `ID` if
     present.
 CLEAR (github.com/somvy/multimodal_unlearning mm/dataset.py, mm/eval.py; HF therem/CLEAR):
   - forgetNN, retainNN, full, *_perturbed, *+tofu: columns `image` and `caption` (and `name`).
     Person = `name`; QA = ("Who is in this image?", name) and ("Describe this image.", caption).
-    Rows without a picture (the TOFU text questions of the +tofu configs) are skipped.
+    Rows without a picture (the TOFU text questions of the +tofu configs) give their `question`
+    and `answer` to the text file.
   - real_faces / real_world: columns `image` and `answer` (and `question`; without it the
     question is "Who is in this image?").
 
@@ -70,19 +82,67 @@ def _text(value) -> list[str]:
     return [v.strip() for v in values if isinstance(v, str) and v.strip()]
 
 
+def _line(kind: str, question, answer, options=None) -> dict | None:
+    """One QA line (fastunlearn.data's format), or None when the question or the answer is empty."""
+    q, a = _text(question), _text(answer)
+    if not (q and a):
+        return None
+    line = {"question": q[0], "answer": a[0], "kind": kind}
+    if options is not None:
+        line["options"] = options
+    return line
+
+
+def _choice(entry: dict) -> dict | None:
+    """A Classification_Task question -> a choice line: the options in their stored order, the
+    answer the correct option's text. None when the correct letter is no option, or when two
+    options have its text (the line could not say which one is right)."""
+    options = entry.get("Options")
+    if isinstance(options, list):  # a parquet map column reads as (key, value) pairs
+        options = dict(o for o in options if isinstance(o, (list, tuple)) and len(o) == 2)
+    if not isinstance(options, dict):
+        return None
+    options = {str(k).strip(): _text(v)[0] for k, v in options.items() if str(k).strip() and _text(v)}
+    correct = _text(entry.get("Correct_Answer"))
+    if len(options) < 2 or not correct or correct[0] not in options:
+        return None
+    answer = options[correct[0]]
+    if list(options.values()).count(answer) != 1:
+        return None
+    return _line("choice", entry.get("Question"), answer, options)
+
+
+def _mllmu_tasks(row) -> tuple[list[dict], list[dict], int]:
+    """(picture lines, text lines, entries skipped) of a profile row's three tasks."""
+    picture, text, skipped = [], [], 0
+
+    def add(visual: bool | None, line):
+        nonlocal skipped
+        if line is None or visual is None:
+            skipped += 1
+        else:
+            (picture if visual else text).append(line)
+
+    def visual(entry) -> bool | None:
+        return {"Image_Textual": True, "Pure_Text": False}.get(entry.get("Type"))
+
+    for task, kind in (("Generation_Task", "generation"), ("Mask_Task", "cloze")):
+        for entry in row.get(task) or []:
+            if isinstance(entry, dict):
+                add(visual(entry), _line(kind, entry.get("Question"), entry.get("Ground_Truth")))
+    classification = row.get("Classification_Task")
+    if isinstance(classification, dict):
+        for key, is_visual in (("Image_Textual_Questions", True), ("Pure_Text_Questions", False)):
+            for entry in classification.get(key) or []:
+                if isinstance(entry, dict):
+                    add(is_visual, _choice(entry))
+    return picture, text, skipped
+
+
 def _mllmu_profile(row):
-    qa, text_only = [], 0
-    for entry in row.get("Generation_Task") or []:
-        if not isinstance(entry, dict):
-            continue
-        if entry.get("Type") != "Image_Textual":
-            text_only += 1
-            continue
-        q, a = _text(entry.get("Question")), _text(entry.get("Ground_Truth"))
-        if q and a:
-            qa.append((q[0], a[0]))
+    picture, text, skipped = _mllmu_tasks(row)
     images = row.get("images") if row.get("images") else [row.get("image")]
-    return row.get("ID"), images, qa, text_only
+    return row.get("ID"), images, picture, text, skipped
 
 
 def _mllmu_train(row):
@@ -94,26 +154,22 @@ def _mllmu_train(row):
             raise ValueError("`metadata` is not valid JSON") from None
     if isinstance(meta, dict):
         meta = [meta]
-    qa = []
-    for entry in meta or []:
-        if isinstance(entry, dict):
-            q, a = _text(entry.get("Question")), _text(entry.get("Answer"))
-            if q and a:
-                qa.append((q[0], a[0]))
-    return row.get("ID"), [row.get("image")], qa, 0
+    qa = [_line("generation", e.get("Question"), e.get("Answer")) for e in meta or [] if isinstance(e, dict)]
+    return row.get("ID"), [row.get("image")], [line for line in qa if line], [], 0
 
 
 def _clear_caption(row):
     names = _text(row.get("name"))
-    qa = [(WHO, names[0])] if names else []
-    qa += [(DESCRIBE, c) for c in _text(row.get("caption"))]
-    return (names[0] if names else None), [row.get("image")], qa, 0
+    qa = [_line("generation", WHO, names[0])] if names else []
+    qa += [_line("generation", DESCRIBE, c) for c in _text(row.get("caption"))]
+    text = [_line("generation", row.get("question"), row.get("answer"))]  # +tofu: the TOFU questions
+    return (names[0] if names else None), [row.get("image")], qa, [t for t in text if t], 0
 
 
 def _clear_qa(row):
     questions = _text(row.get("question"))
-    qa = [(questions[0] if questions else WHO, a) for a in _text(row.get("answer"))]
-    return None, [row.get("image")], qa, 0
+    qa = [_line("generation", questions[0] if questions else WHO, a) for a in _text(row.get("answer"))]
+    return None, [row.get("image")], qa, [], 0
 
 
 # (required columns, row function); "a|b" means either column
@@ -254,39 +310,50 @@ class _People:
         return self.by_raw[raw]
 
 
+def _json_line(line: dict, where: str) -> str:
+    text = json.dumps(line, ensure_ascii=False)
+    if len(text.encode()) >= MAX_LINE:
+        raise UserError(f"{where}: question and answer longer than {MAX_LINE} bytes")
+    return text
+
+
 def convert_split(kind: str, name: str, files: list[Path], out: Path, bar=None) -> dict:
-    """Write one split's folder `out` from its parquet files; returns its counts."""
+    """Write one split's folder `out` (and its text file beside it) from its parquet files;
+    returns its counts."""
     pq = _pq()
-    counts = dict(rows=0, people=0, pictures=0, qa=0, pictures_without_qa=0, skipped_no_picture=0, skipped_text_only=0)
-    people, lines = _People(), {}
+    counts = dict(rows=0, people=0, pictures=0, qa=0, generation=0, choice=0, cloze=0, text_qa=0,
+                  pictures_without_qa=0, skipped_no_picture=0, skipped_questions=0)
+    people, lines, text_lines = _People(), {}, []
     out.mkdir()
     for path in files:
         pf = _open(path, pq)
         fn = pick_schema(kind, pf.schema_arrow.names, str(path))
         for i, row in enumerate(_rows(pf, path)):
+            where = f"{path}: row {i}"
             try:
-                person, cells, qa, text_only = fn(row)
+                person, cells, qa, text, skipped = fn(row)
                 pictures = [b for b in map(_image_bytes, cells or []) if b is not None]
                 suffixes = [_image_suffix(b) for b in pictures]
             except ValueError as e:
-                raise UserError(f"{path}: row {i}: {e}") from None
-            counts["skipped_text_only"] += text_only
+                raise UserError(f"{where}: {e}") from None
+            counts["skipped_questions"] += skipped
+            folder = people.folder(person)
+            text_lines += [_json_line({**t, "subject": folder} if folder else t, where) for t in text]
+            counts["text_qa"] += len(text)
             if not pictures:
                 counts["skipped_no_picture"] += 1
             else:
-                folder = people.folder(person)
                 (out / folder).mkdir(exist_ok=True)
                 for k, (data, suffix) in enumerate(zip(pictures, suffixes)):
                     file = f"{counts['rows']:06d}" + (f"_{k}" if len(pictures) > 1 else "") + suffix
                     (out / folder / file).write_bytes(data)
-                    for q, a in qa:
-                        line = json.dumps({"image": file, "question": q, "answer": a}, ensure_ascii=False)
-                        if len(line.encode()) >= MAX_LINE:
-                            raise UserError(f"{path}: row {i}: question and answer longer than {MAX_LINE} bytes")
-                        lines.setdefault(folder, []).append(line)
+                    lines.setdefault(folder, []).extend(_json_line({"image": file, **q}, where) for q in qa)
                 counts["pictures"] += len(pictures)
                 counts["qa"] += len(qa) * len(pictures)
-                counts["pictures_without_qa"] += 0 if qa else len(pictures)
+                for q in qa:
+                    counts[q["kind"]] += len(pictures)
+                trainable = any(q["kind"] == "generation" for q in qa)
+                counts["pictures_without_qa"] += 0 if trainable else len(pictures)
             counts["rows"] += 1
             if bar is not None:
                 bar.update(1)
@@ -295,7 +362,14 @@ def convert_split(kind: str, name: str, files: list[Path], out: Path, bar=None) 
     counts["people"] = len(people.by_raw)
     if not counts["pictures"]:
         raise UserError(f"split {name}: no pictures in it (only text rows); leave it out with --split")
+    if text_lines:
+        text_file(out).write_text("\n".join(text_lines) + "\n", encoding="utf-8")
     return counts
+
+
+def text_file(split_folder: Path) -> Path:
+    """Where a split's text-only questions go: beside its folder, OUT_DIR/<split>.text.jsonl."""
+    return split_folder.parent / f"{split_folder.name}.text.jsonl"
 
 
 def _check_out(out: Path) -> None:

@@ -4,9 +4,20 @@
     DIR/**/*.jsonl                     optional: {"image": "<path relative to the jsonl>",
                                                   "question": "...", "answer": "..."} a line
 
-An image with QA lines uses them; an image without any gets DEFAULT_QUESTIONS with answer None
-(the job fills in the original model's own greedy answer). Nothing outside DIR is read: image
-paths that escape it (../, absolute paths, symlinks pointing out) are refused.
+Optional fields of a line, for benchmark questions (`fastunlearn evaluate`):
+    "kind": "generation" (the default: an open question and its reference answer) |
+            "choice" (multiple choice: "options" {"A": "...", "B": "...", ...} in the order shown,
+                      "answer" the TEXT of the correct option, which must match exactly one) |
+            "cloze" (fill in the blank: "question" with the blank written "__", "answer" the
+                     words that fill it)
+The job trains on generation lines only (TRAINABLE_KINDS); read_folder returns the kinds asked
+for. The answer of a choice line is the option's text, not its letter, so that every line stays a
+true (question, answer) pair for readers that know no kinds.
+
+An image with QA lines (of the kinds asked for) uses them; an image without any gets
+DEFAULT_QUESTIONS with answer None (the job fills in the original model's own greedy answer).
+Nothing outside DIR is read: image paths that escape it (../, absolute paths, symlinks pointing
+out) are refused.
 """
 from __future__ import annotations
 
@@ -27,6 +38,8 @@ MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb bound; real photos are far b
 MAX_JSONL_LINE = 1 << 20
 # Decoders by content, whatever the suffix: only these (PIL's others include EPS, which runs Ghostscript)
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+KINDS = ("generation", "choice", "cloze")
+TRAINABLE_KINDS = ("generation",)  # a choice letter or a blank's filler is no answer to train on
 
 
 @dataclass
@@ -35,6 +48,8 @@ class Item:
     question: str
     answer: str | None  # None: use the original model's greedy answer
     subject: str  # first folder under DIR ("" for files at its top)
+    kind: str = "generation"
+    options: dict[str, str] | None = None  # choice: letter -> option text, in the order shown
 
 
 def _inside(root: Path, path: Path) -> bool:
@@ -63,7 +78,9 @@ def load_image(path: Path) -> Image.Image:
         raise UserError(f"{path}: unreadable image ({str(e)[:200]})") from None
 
 
-def read_folder(folder: Path, role: str = "forget") -> list[Item]:
+def read_folder(folder: Path, role: str = "forget", kinds=TRAINABLE_KINDS) -> list[Item]:
+    """The items of a forget / retain folder: its QA lines of the given kinds (every line is
+    validated, whatever its kind), and the default questions for pictures with none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: {role} folder does not exist or is not a folder")
@@ -81,19 +98,38 @@ def read_folder(folder: Path, role: str = "forget") -> list[Item]:
     if not images:
         raise UserError(f"{folder}: no images in the {role} folder (expected *.png, *.jpg, *.jpeg, *.webp or *.bmp at any depth)")
 
-    qa: dict[Path, list[tuple[str, str]]] = {}
+    qa: dict[Path, list[tuple]] = {}
     for jsonl in jsonls:
-        for image, question, answer in _read_jsonl(root, jsonl):
-            qa.setdefault(image, []).append((question, answer))
+        for image, question, answer, kind, options in _read_jsonl(root, jsonl):
+            if kind in kinds:
+                qa.setdefault(image, []).append((question, answer, kind, options))
 
     items = []
     for image in images:
         load_image(image)  # validate now: a bad picture fails the job before any work
         rel = image.relative_to(root)
         subject = rel.parts[0] if len(rel.parts) > 1 else ""
-        pairs = qa.get(image) or [(q, None) for q in DEFAULT_QUESTIONS]
-        items += [Item(image, q, a, subject) for q, a in pairs]
+        lines = qa.get(image) or [(q, None, "generation", None) for q in DEFAULT_QUESTIONS]
+        items += [Item(image, q, a, subject, kind, options) for q, a, kind, options in lines]
     return items
+
+
+def kind_and_options(obj: dict, where: str) -> tuple[str, dict[str, str] | None]:
+    """A QA line's optional "kind" and "options", validated (see the module docstring)."""
+    kind = obj.get("kind", "generation")
+    if kind not in KINDS:
+        raise UserError(f"{where}: 'kind' must be one of {', '.join(KINDS)} (got {str(kind)[:50]!r})")
+    if kind != "choice":
+        return kind, None
+    options = obj.get("options")
+    if (not isinstance(options, dict) or len(options) < 2
+            or not all(isinstance(k, str) and k.strip() and isinstance(v, str) and v.strip() for k, v in options.items())):
+        raise UserError(f"{where}: a choice line needs 'options', an object of at least two non-empty strings "
+                        '(e.g. {"A": "...", "B": "..."})')
+    options = {k.strip(): v.strip() for k, v in options.items()}
+    if list(options.values()).count(obj["answer"].strip()) != 1:
+        raise UserError(f"{where}: 'answer' of a choice line must be the text of exactly one of its options")
+    return kind, options
 
 
 def _lines(jsonl: Path):
@@ -126,6 +162,9 @@ def _read_jsonl(root: Path, jsonl: Path):
             raise UserError(f"{where}: not usable JSON ({str(e)[:100]})") from None
         if not isinstance(obj, dict):
             raise UserError(f"{where}: expected a JSON object with image, question and answer")
+        if "image" not in obj and jsonl.name.endswith(".text.jsonl"):  # convert writes these beside a split, not in it
+            raise UserError(f"{where}: a text-only question file (no pictures) inside the folder; give the split's "
+                            "own folder, and the text file with --text")
         for key in ("image", "question", "answer"):
             if not isinstance(obj.get(key), str) or not obj[key].strip():
                 raise UserError(f"{where}: {key!r} must be a non-empty string")
@@ -139,7 +178,8 @@ def _read_jsonl(root: Path, jsonl: Path):
             raise UserError(f"{where}: image {obj['image']!r} does not exist")
         if image.suffix.lower() not in IMAGE_SUFFIXES:
             raise UserError(f"{where}: {obj['image']!r} is not a picture ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        yield image, obj["question"].strip(), obj["answer"].strip()
+        kind, options = kind_and_options(obj, where)
+        yield image, obj["question"].strip(), obj["answer"].strip(), kind, options
 
 
 def augmented_view(image: Image.Image, key: str) -> Image.Image:

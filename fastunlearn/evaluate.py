@@ -149,6 +149,7 @@ def evaluate_set(loaded: Loaded, params, prepared: Prepared, max_new_tokens: int
     return {
         "items": n,
         "exact_accuracy": round(float(exact["correct"].float().mean()), 6),
+        "exact_correct": [int(c) for c in exact["correct"]],  # per item: pairs before and after for the drop's interval
         "mc_accuracy": round(sum(mc_correct) / n, 6),
         "mc_chance": round(sum(1 / len(q.options) for q in questions) / n, 6),
         "generation_contains_answer": round(sum(contained) / n, 6),
@@ -170,7 +171,8 @@ def relearn_steps(loaded: Loaded, params, train: list[Sample], heldout: list[Bat
                   max_steps: int = 40, check_every: int = 2, lr: float = 1e-3, batch_size: int = 16,
                   seed: int = 0) -> dict:
     """Fine-tune the projector (Adam, answer NLL) on `train` until the exact-answer accuracy on `heldout`
-    reaches `target`. Returns {"steps": n or None (not within max_steps), "curve": [(step, accuracy)]}."""
+    reaches `target`, checked every `check_every` steps. Returns {"steps": n or None (not within max_steps),
+    "curve": [(step, accuracy)]} and the settings (target, max_steps, lr, check_every)."""
     torch.manual_seed(seed)
     trainable = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
     optimizer = torch.optim.Adam(list(trainable.values()), lr=lr)
@@ -182,9 +184,10 @@ def relearn_steps(loaded: Loaded, params, train: list[Sample], heldout: list[Bat
         frozen = {n: p.detach() for n, p in trainable.items()}
         return float(score(loaded, frozen, heldout)["correct"].float().mean())
 
+    settings = {"target": target, "max_steps": max_steps, "lr": lr, "check_every": check_every}
     curve = [(0, round(accuracy(), 4))]
     if curve[0][1] >= target:
-        return {"steps": 0, "target": target, "max_steps": max_steps, "curve": curve}
+        return {"steps": 0, **settings, "curve": curve}
     for step in range(1, max_steps + 1):
         batch = batches[(step - 1) % len(batches)]
         loss = sequence_nll(loaded, trainable, batch).sum() / batch.lengths.sum()
@@ -194,8 +197,8 @@ def relearn_steps(loaded: Loaded, params, train: list[Sample], heldout: list[Bat
         if step % check_every == 0:
             curve.append((step, round(accuracy(), 4)))
             if curve[-1][1] >= target:
-                return {"steps": step, "target": target, "max_steps": max_steps, "curve": curve}
-    return {"steps": None, "target": target, "max_steps": max_steps, "curve": curve}
+                return {"steps": step, **settings, "curve": curve}
+    return {"steps": None, **settings, "curve": curve}
 
 
 @torch.no_grad()

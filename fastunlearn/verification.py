@@ -3,6 +3,7 @@ apply report, what changed byte for byte and how both checkpoints score on the g
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import evaluate as ev
+from . import intervals as ci
 from . import journal
 from . import safetensors_io as st
 from .batches import make_batches
@@ -23,6 +25,7 @@ from .report import describe_items, environment
 from .write import checkpoint_files, hash_files
 
 APPLY_REPORT = "unlearning_report.json"  # the one file apply adds to a checkpoint it writes
+RELEARN_BUDGET = 40  # projector fine-tuning steps the relearning attack gets, unless --min-relearn-steps asks for more
 
 
 def evaluate_checkpoint(ckpt: Path, item_sets: dict[str, list[Item]], device: torch.device, batch_size: int = 16,
@@ -117,27 +120,111 @@ def byte_checks(comparison: dict) -> list[dict]:
     ]
 
 
-def threshold_checks(evaluation: dict, limits: dict) -> list[dict]:
-    """The thresholds a pipeline asked for (fractions: 0.3 = 30%), each measured on the data given."""
-    before, after = evaluation["before"], evaluation["after"]
-    measured = {
-        "max_forget_accuracy": lambda: after["forget"]["exact_accuracy"],
-        "max_forget_choice_accuracy": lambda: after["forget"]["mc_accuracy"],
-        "max_retain_drop": lambda: before["retain"]["exact_accuracy"] - after["retain"]["exact_accuracy"],
-        "max_text_nll_change": lambda: evaluation["text_answer_nll_max_change"],
-    }
-    labels = {"max_forget_accuracy": "forgotten pictures, exact-answer accuracy",
-              "max_forget_choice_accuracy": "forgotten pictures, multiple-choice accuracy",
-              "max_retain_drop": "kept pictures, drop of exact-answer accuracy",
-              "max_text_nll_change": "text-only answers, largest NLL change"}
+THRESHOLD_LABELS = {"max_forget_accuracy": "forgotten pictures, exact-answer accuracy",
+                    "max_forget_choice_accuracy": "forgotten pictures, multiple-choice accuracy",
+                    "max_retain_drop": "kept pictures, drop of exact-answer accuracy",
+                    "max_text_nll_change": "text-only answers, largest NLL change"}
+FORGET_ACCURACIES = {"max_forget_accuracy": "exact_accuracy", "max_forget_choice_accuracy": "mc_accuracy"}
+
+
+def threshold_checks(evaluation: dict, limits: dict, confidence: float | None = None) -> list[dict]:
+    """The thresholds a pipeline asked for (fractions: 0.3 = 30%), each measured on the data given.
+    Accuracies and the retain drop carry their 95% interval; with `confidence`, they pass only when
+    the upper end of their interval at that confidence is at or under the limit."""
     checks = []
     for name, limit in limits.items():
         if limit is None:
             continue
-        value = round(float(measured[name]()), 6)
-        checks.append(_check(f"threshold: {labels[name]} <= {limit:g}", value <= limit, f"measured {value:g}",
-                             value=value, limit=limit))
+        label = f"threshold: {THRESHOLD_LABELS[name]} <= {limit:g}"
+        if name == "max_text_nll_change":  # not a proportion: no interval
+            value = round(float(evaluation["text_answer_nll_max_change"]), 6)
+            checks.append(_check(label, value <= limit, f"measured {value:g}", value=value, limit=limit))
+            continue
+        value, n, interval, bound_at = _proportion(evaluation, name)
+        extra = {"value": value, "limit": limit, "items": n, "interval": interval,
+                 "interval_confidence": ci.CONFIDENCE}
+        detail = f"measured {value:.4g} on {n} items, {_pct(ci.CONFIDENCE)} interval {_span(interval)}"
+        if confidence is None:
+            checks.append(_check(label, value <= limit, detail, **extra))
+            continue
+        bound = bound_at(confidence)  # compared unrounded: the same number items_needed is computed with
+        needed = ci.items_needed(limit, confidence)
+        if confidence != ci.CONFIDENCE:
+            detail += f", upper end of its {_pct(confidence)} interval {bound:.4g}"
+        if needed is None or n < needed:
+            best = "0 right answers" if name in FORGET_ACCURACIES else "no kept item lost"
+            detail += (f"; no number of items can show <= {limit:g}" if needed is None else
+                       f"; {n} items can never show <= {limit:g} at {_pct(confidence)} confidence (not even with {best}): "
+                       f"it needs at least {needed} items")
+        checks.append(_check(f"{label} (upper end of its {_pct(confidence)} interval)", bound <= limit, detail,
+                             bound=round(bound, 6), confidence=confidence, items_needed=needed, **extra))
     return checks
+
+
+def _proportion(evaluation: dict, name: str):
+    """(point value, items, 95% interval, bound_at(confidence) -> upper end) of an accuracy threshold."""
+    if name == "max_retain_drop":
+        d = evaluation["retain_drop"]
+        return d["value"], d["items"], d["interval"], lambda c: ci.drop_interval(d["lost"], d["gained"], d["items"], c)[1]
+    m = evaluation["after"]["forget"]
+    key = FORGET_ACCURACIES[name]
+    k = round(m[key] * m["items"])
+    return m[key], m["items"], m["intervals"][key], lambda c: ci.clopper_pearson(k, m["items"], c)[1]
+
+
+def _span(interval) -> str:
+    return f"[{interval[0]:.4g}, {interval[1]:.4g}]"
+
+
+def _pct(confidence: float) -> str:
+    return f"{100 * confidence:g}%"
+
+
+def relearn_checks(requests: list[dict], min_steps: int) -> list[dict]:
+    """Per erasure request: the unlearned checkpoint must need at least `min_steps` steps of the
+    relearning attack. A run that never relearns within its budget needed more steps than the budget,
+    and verify makes the budget at least `min_steps`, so such a run passes."""
+    checks = []
+    for i, request in enumerate(requests, 1):
+        after = request["relearn"]["after"]
+        steps, budget = after["steps"], after["max_steps"]
+        if steps is None:
+            passed, detail = budget >= min_steps, f"not named again within the attack's budget of {budget} steps"
+        else:
+            passed = steps >= min_steps
+            detail = f"named again after {steps} steps" + (" (already at the start: not forgotten)" if steps == 0 else "")
+        checks.append(_check(f"relearning: request {i} (forget folder sha256 {request['folder_sha256'][:12]}) needs "
+                             f">= {min_steps} fine-tuning steps", passed, detail, request=i, steps=steps, budget=budget,
+                             limit=min_steps))
+    return checks
+
+
+def add_intervals(evaluation: dict, metrics: dict) -> None:
+    """Attach the 95% interval (Clopper-Pearson, from the item counts) to every accuracy, and the
+    paired interval of the retain drop."""
+    for when in ("before", "after"):
+        for name in ("forget", "retain", "text"):
+            m = evaluation[when].get(name)
+            if m and m["items"]:
+                m["intervals"] = {key: ci.accuracy_interval(round(m[key] * m["items"]), m["items"])
+                                  for key in ("exact_accuracy", "mc_accuracy", "generation_contains_answer")}
+        probe = evaluation[when].get("probe")
+        if probe:
+            probe["intervals"] = {f"{group}_accuracy": ci.accuracy_interval(round(probe[f"{group}_accuracy"] * n), n)
+                                  for group, n in probe["test_items"].items() if n}
+    for sides in metrics.values():
+        for m in sides.values():
+            if m["items"]:
+                m["greedy_accuracy_interval"] = ci.accuracy_interval(round(m["greedy_accuracy"] * m["items"]), m["items"])
+    if "retain" in evaluation["before"] and evaluation["before"]["retain"]["items"]:
+        pairs = list(zip(evaluation["before"]["retain"]["exact_correct"], evaluation["after"]["retain"]["exact_correct"]))
+        lost, gained = sum(b > a for b, a in pairs), sum(a > b for b, a in pairs)
+        evaluation["retain_drop"] = {
+            "value": round(evaluation["before"]["retain"]["exact_accuracy"] - evaluation["after"]["retain"]["exact_accuracy"], 6),
+            "items": len(pairs), "lost": lost, "gained": gained,
+            "interval": [round(x, 6) for x in ci.drop_interval(lost, gained, len(pairs))],
+            "interval_method": "paired, exact: [-(upper bound of the gained rate), upper bound of the lost rate]",
+        }
 
 
 def _check(name: str, passed: bool, detail: str = "", **extra) -> dict:
@@ -190,12 +277,12 @@ PROBE_VIEWS = 4  # augmented views of each probe-training picture, as the job us
 
 
 def forgetting_metrics(loaded, forget: list[Item], retain: list[Item], text: list[Item],
-                       probes: bool = True) -> dict:
+                       probes: bool = True, relearn_max_steps: int = RELEARN_BUDGET) -> dict:
     """fastunlearn.evaluate's metrics of one opened checkpoint on the given data: exact answer, multiple
-    choice, generation containment; with `probes`, relearning steps and a linear identity probe, both
-    trained on one half of the given pictures and tested on the other. Under "summary", the job's own
-    forget / retain summary (greedy exact match and answer NLL, as apply reports it). Drops the
-    checkpoint's vision tower."""
+    choice, generation containment; with `probes`, relearning steps (at most `relearn_max_steps`) and a
+    linear identity probe, both trained on one half of the given pictures and tested on the other.
+    Under "summary", the job's own forget / retain summary (greedy exact match and answer NLL, as apply
+    reports it). Drops the checkpoint's vision tower."""
     pool = forget + retain
     plain = {"forget": cache_samples(loaded, forget, "forget")}
     if retain:
@@ -220,8 +307,9 @@ def forgetting_metrics(loaded, forget: list[Item], retain: list[Item], text: lis
     for name, samples in plain.items():
         batches = make_batches(loaded, samples, 16)
         out["summary"][name] = summarize(score(loaded, params, batches), batches)
+    if probes and forget_train and forget_test:
+        out["relearn"] = ev.relearn_steps(loaded, params, relearn_train, relearn_test, max_steps=relearn_max_steps)
     if probes and forget_train and forget_test and len({it.subject for it in pool}) >= 2:
-        out["relearn"] = ev.relearn_steps(loaded, params, relearn_train, relearn_test)
         train_subjects = [it.subject for it in probe_train for _ in range(1 + PROBE_VIEWS)]
         out["probe"] = ev.identity_probe(loaded, params, train_samples, train_subjects, test_samples,
                                          [it.subject for it in probe_test], {it.subject for it in forget})
@@ -240,13 +328,25 @@ def apply_report_of(unlearned: Path) -> dict | None:
 def verify(original: Path, unlearned: Path, forget_dir: Path, retain_dir: Path | None = None, device="auto",
            text_path: Path | None = None, probes: bool = True, max_forget_accuracy: float | None = None,
            max_forget_choice_accuracy: float | None = None, max_retain_drop: float | None = None,
-           max_text_nll_change: float | None = None) -> dict:
+           max_text_nll_change: float | None = None, min_relearn_steps: int | None = None,
+           confidence: float | None = None) -> dict:
     """Recompute, independently of apply's report, what changed byte for byte between two checkpoints
     and how both score on the given data. Returns the verification report as a plain dict; its
     "checks" list says which checks passed, "passed" whether all did (`exit_status` maps it to the
-    CLI's exit status). Thresholds are fractions (0.3 = 30%); None leaves a threshold unchecked."""
+    CLI's exit status). Thresholds are fractions (0.3 = 30%); None leaves a threshold unchecked.
+    Every accuracy carries its 95% Clopper-Pearson interval; with `confidence` (e.g. 0.95) the
+    accuracy thresholds and the retain drop are applied to the upper end of the interval at that
+    confidence instead of the point. `min_relearn_steps`: the unlearned checkpoint must need at
+    least that many steps of the relearning attack (needs the probes)."""
     limits = {"max_forget_accuracy": max_forget_accuracy, "max_forget_choice_accuracy": max_forget_choice_accuracy,
               "max_retain_drop": max_retain_drop, "max_text_nll_change": max_text_nll_change}
+    if confidence is not None and not 0 < confidence < 1:
+        raise UserError(f"--confidence must be between 0 and 1, e.g. 0.95 for 95% (got {confidence:g})")
+    if min_relearn_steps is not None:
+        if not probes:
+            raise UserError("--min-relearn-steps needs the relearning attack, which --no-probes turns off: drop one of them")
+        if isinstance(min_relearn_steps, bool) or not isinstance(min_relearn_steps, int) or min_relearn_steps < 0:
+            raise UserError(f"--min-relearn-steps must be a whole number of steps, 0 or more (got {min_relearn_steps})")
     if max_retain_drop is not None and retain_dir is None:
         raise UserError("--max-retain-drop needs --retain DIR: the kept pictures to measure the drop on")
     if max_text_nll_change is not None and text_path is None:
@@ -256,6 +356,9 @@ def verify(original: Path, unlearned: Path, forget_dir: Path, retain_dir: Path |
         inspect_checkpoint(ckpt)
         journal.recover(ckpt)
     forget = read_folder(forget_dir, "forget")
+    if min_relearn_steps is not None and not all(split_pictures(forget)):
+        raise UserError(f"{forget_dir}: --min-relearn-steps needs at least two pictures of a forgotten person "
+                        "(the attack fine-tunes on one and tests on the other)")
     retain = read_folder(retain_dir, "retain") if retain_dir else []
     comparison = compare_checkpoints(original, unlearned)
 
@@ -265,17 +368,27 @@ def verify(original: Path, unlearned: Path, forget_dir: Path, retain_dir: Path |
     forget = fill_answers(loaded, forget, 32)
     retain = fill_answers(loaded, retain, 32)
     torch.manual_seed(0)
-    evaluation = {"before": forgetting_metrics(loaded, forget, retain, text, probes)}
+    budget = max(RELEARN_BUDGET, min_relearn_steps or 0)
+    evaluation = {"before": forgetting_metrics(loaded, forget, retain, text, probes, budget)}
     del loaded
     gc.collect()
-    evaluation["after"] = forgetting_metrics(open_checkpoint(unlearned, device), forget, retain, text, probes)
+    evaluation["after"] = forgetting_metrics(open_checkpoint(unlearned, device), forget, retain, text, probes, budget)
     gc.collect()
     summaries = {when: evaluation[when].pop("summary") for when in ("before", "after")}
+    metrics = {name: {when: summaries[when][name] for when in ("before", "after")} for name in summaries["before"]}
     if text:
         evaluation["text_answer_nll_max_change"] = ev.max_nll_change(evaluation["before"]["text"],
                                                                      evaluation["after"]["text"])
+    add_intervals(evaluation, metrics)
+    # one erasure request per forget folder; verify takes one folder today
+    requests = [{"folder_sha256": hashlib.sha256(str(Path(forget_dir).resolve()).encode()).hexdigest(),
+                 "items": len(forget)}]
+    if "relearn" in evaluation["after"]:
+        requests[0]["relearn"] = {when: evaluation[when]["relearn"] for when in ("before", "after")}
     job = apply_report_of(unlearned)
-    checks = byte_checks(comparison) + threshold_checks(evaluation, limits)
+    checks = byte_checks(comparison) + threshold_checks(evaluation, limits, confidence)
+    if min_relearn_steps is not None:
+        checks += relearn_checks(requests, min_relearn_steps)
     return {
         "fastunlearn_verify": 1,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -284,8 +397,12 @@ def verify(original: Path, unlearned: Path, forget_dir: Path, retain_dir: Path |
         "passed": all(c["passed"] for c in checks),
         "checks": checks,
         "bytes": comparison,
-        "metrics": {name: {when: summaries[when][name] for when in ("before", "after")} for name in summaries["before"]},
+        "metrics": metrics,
         "evaluation": evaluation,
+        "intervals": {"method": ci.METHOD, "confidence": ci.CONFIDENCE, "gate_confidence": confidence,
+                      "note": "every accuracy's interval from its item count; a gate with gate_confidence passes "
+                              "only when the upper end of its interval at that confidence is at or under the limit"},
+        "requests": requests,
         "data": {
             "note": "the data given to verify; pictures, questions and answers appear only as sha256 hashes",
             "forget": describe_items(forget),

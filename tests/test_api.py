@@ -84,6 +84,9 @@ def test_verify_passes_and_states_each_check(unlearned, folders):
     assert any(n.startswith("byte proof: only connector tensors changed") for n in names)
     assert sum(n.startswith("threshold:") for n in names) == 2
     assert all(c["passed"] for c in result["checks"])
+    for c in result["checks"]:  # each accuracy threshold states its 95% interval and item count
+        if c["check"].startswith("threshold:"):
+            assert c["interval"][0] <= c["value"] <= c["interval"][1] and c["items"] > 0 and "interval" in c["detail"]
 
 
 def test_verify_threshold_failure_exits_4(unlearned, folders, capsys):

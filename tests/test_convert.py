@@ -69,8 +69,8 @@ def test_mllmu_bench_round_trip(tmp_path, capsys):
 
     out = tmp_path / "out"
     assert main(["convert", "mllmu-bench", str(src), str(out)]) == 0
-    assert "forget_5: 2 pictures, 4 QA lines, 2 people" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["forget_5", "retain_95"]
+    assert "forget_5: 2 pictures, 8 QA lines (4 generation, 2 multiple choice, 2 fill-in), 2 people" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["forget_5", "forget_5.text.jsonl", "retain_95", "retain_95.text.jsonl"]
 
     got = qa_by_file(out / "forget_5")
     assert got == {
@@ -93,8 +93,9 @@ def test_mllmu_bench_summary_counts_and_test_set_images(tmp_path):
     row["images"] = [image_cell(picture("red")), image_cell(picture("black"))]
     write(src / "Test_Set" / "train-00000-of-00001.parquet", [row])
     summary = convert("mllmu-bench", src, tmp_path / "out")
-    assert summary["splits"] == {"Test_Set": {"rows": 1, "people": 1, "pictures": 2, "qa": 4, "pictures_without_qa": 0,
-                                              "skipped_no_picture": 0, "skipped_text_only": 1}}
+    assert summary["splits"] == {"Test_Set": {"rows": 1, "people": 1, "pictures": 2, "qa": 8, "generation": 4, "choice": 2,
+                                              "cloze": 2, "text_qa": 1, "pictures_without_qa": 0,
+                                              "skipped_no_picture": 0, "skipped_questions": 0}}
     assert set(qa_by_file(tmp_path / "out" / "Test_Set")) == {"p009/000000_0.png", "p009/000000_1.png"}
 
 

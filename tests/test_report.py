@@ -84,6 +84,20 @@ def test_verify_report_proves_bytes_and_metrics(reports):
     assert v["job"]["config"] == apply_report["config"] and v["job"]["reproduce"] == apply_report["reproduce"]
 
 
+def test_verify_report_and_page_carry_intervals(reports):
+    v = json.loads(reports["verify"])
+    for when in ("before", "after"):
+        for name in ("forget", "retain", "text"):
+            m = v["evaluation"][when][name]
+            low, high = m["intervals"]["exact_accuracy"]
+            assert low <= m["exact_accuracy"] <= high and high - low > 0  # a few questions: never a point
+    assert v["requests"][0]["relearn"]["after"] == v["evaluation"]["after"]["relearn"]
+    m = v["evaluation"]["after"]["forget"]
+    low, high = m["intervals"]["exact_accuracy"]
+    shown = f"{100 * m['exact_accuracy']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+    assert shown in reports["verify_html"] and "95% interval" in reports["verify_html"]
+
+
 def test_apply_report_records_how_to_reproduce(reports):
     r = json.loads(reports["apply"])
     rep = r["reproduce"]
