@@ -29,6 +29,14 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per batch (default {d.batch_size})")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda (default auto: cuda when available)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    p.add_argument("--no-holdout", action="store_true",
+                   help="train once, on every picture (default: a first run without one picture of each subject that "
+                   "has two or more measures the erasure on them, then the last run trains on every picture)")
+    p.add_argument("--select-step", action="store_true",
+                   help="the held-out pictures choose the step count (scored every tenth of --steps)")
+    p.add_argument("--search", action="store_true",
+                   help="the held-out pictures also choose between the given settings and a gentler one (a tenth of "
+                   "--lr, --mask none, --retain-weight + 2, a fifth more --steps)")
     p.add_argument("--shard-llm", action="store_true",
                    help="under torchrun: shard the frozen LLM's decoder layers over the ranks (FSDP2), for models "
                    "too big for one device; the projector stays replicated")
@@ -39,7 +47,8 @@ def _config(args):
 
     return Config(method=args.method, steps=args.steps, lr=args.lr, beta=args.beta, retain_weight=args.retain_weight,
                   mask=args.mask, mask_threshold=args.mask_threshold, views=args.views, batch_size=args.batch_size, device=args.device,
-                  seed=args.seed, shard_llm=args.shard_llm)
+                  seed=args.seed, holdout=not args.no_holdout, select=args.select_step, search=args.search,
+                  shard_llm=args.shard_llm)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="recompute metrics and the byte-level comparison of two checkpoints",
                        description="Exit status: 0 every check passed; 3 the byte proof failed (bytes other than the "
-                       "connector's changed, headers differ, a file is missing or added); 4 a requested threshold failed; "
+                       "connector's changed, headers differ, a file is missing or added); 4 a requested threshold (or "
+                       "--min-relearn-steps) failed; "
                        "2 bad input.")
     p.add_argument("original", type=Path, metavar="ORIGINAL")
     p.add_argument("unlearned", type=Path, metavar="UNLEARNED")
@@ -84,6 +94,13 @@ def parser() -> argparse.ArgumentParser:
                    help="fail (exit 4) when kept pictures' exact-answer accuracy drops by more than F (needs --retain)")
     p.add_argument("--max-text-nll-change", type=float, metavar="X",
                    help="fail (exit 4) when a text-only answer's NLL changes by more than X (needs --text)")
+    p.add_argument("--min-relearn-steps", type=int, metavar="N",
+                   help="fail (exit 4) when fine-tuning the connector on half the forget pictures names the forgotten "
+                   "again on the other half in fewer than N steps (the attack's budget becomes at least N; "
+                   "not with --no-probes)")
+    p.add_argument("--confidence", type=float, metavar="C",
+                   help="apply the accuracy thresholds and --max-retain-drop to the upper end of their C interval "
+                   "(e.g. 0.95; Clopper-Pearson) instead of the measured value")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("report", help="summarise a report (apply's or verify's) and render it as HTML")
@@ -96,25 +113,61 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, metavar="OUT_DIR", help="new or empty folder: one sub-folder per split")
     p.add_argument("--split", action="append", metavar="NAME", help="convert only this split (repeatable; default all)")
 
+    p = sub.add_parser("evaluate", help="a benchmark's own metrics (MLLMU-Bench, CLEAR) of two checkpoints, as its paper tabulates them",
+                       description="Scores ORIGINAL and UNLEARNED on the sets given (folders from `fastunlearn convert`) "
+                       "with the benchmark's prompts; prints a row per set, a column per task, each cell before -> after.")
+    p.add_argument("original", type=Path, metavar="ORIGINAL")
+    p.add_argument("unlearned", type=Path, metavar="UNLEARNED")
+    p.add_argument("--benchmark", required=True, choices=["mllmu-bench", "clear"], metavar="mllmu-bench|clear")
+    p.add_argument("--forget", required=True, type=Path, metavar="DIR", help="the converted forget split")
+    p.add_argument("--test", type=Path, metavar="DIR", help="the forget people on new pictures (MLLMU-Bench Test_Set; "
+                   "only the forget set's people are scored)")
+    p.add_argument("--retain", type=Path, metavar="DIR", help="the converted retain split")
+    p.add_argument("--celebrity", type=Path, metavar="DIR", help="real people (MLLMU-Bench Retain_Set, CLEAR real_faces)")
+    p.add_argument("--world", type=Path, metavar="DIR", help="CLEAR real_world")
+    p.add_argument("--text", type=Path, metavar="FILE", help="text-only questions (convert's OUT_DIR/<split>.text.jsonl)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
+    p.add_argument("--report", type=Path, metavar="FILE", help="write the result as JSON here")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", help="greedy tokens per answer (default: the benchmark's, "
+                   "50 for MLLMU-Bench, 300 for CLEAR; multiple choice: 5)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="prompts decoded together (default 16)")
+    p.add_argument("--device", default="auto")
+
     p = sub.add_parser("demo", help="the embedded end-to-end example (small LLaVA, synthetic people)")
     p.add_argument("--workdir", type=Path, default=Path("fastunlearn-demo"), help="where to write (default ./fastunlearn-demo)")
     p.add_argument("--device", default="auto")
     return ap
 
 
-def print_metrics(metrics: dict) -> None:
-    print(f"{'set':<8} {'items':>6} {'greedy acc before':>18} {'after':>8} {'answer NLL before':>18} {'after':>8}")
+def print_metrics(metrics: dict, heldout: dict | None = None) -> None:
+    """Held-out pictures (never trained on) first: they are the figures that matter."""
+    rows = [(f"{role}, held-out pictures", heldout[role]) for role in ("forget", "retain") if role in (heldout or {})]
+    rows += [(f"{name}, training pictures", m) for name, m in metrics.items()]
+    print(f"{'set':<28} {'items':>6} {'greedy acc before':>18} {'after':>8} {'answer NLL before':>18} {'after':>8}")
+    for name, m in rows:
+        b, a = m["before"], m["after"]
+        print(f"{name:<28} {b['items']:>6} {b['greedy_accuracy']:>18.3f} {a['greedy_accuracy']:>8.3f} "
+              f"{b['mean_token_nll']:>18.3f} {a['mean_token_nll']:>8.3f}")
+
+
+def print_verify_metrics(metrics: dict) -> None:
+    """The job's summary metrics of both checkpoints, each accuracy with its 95% interval."""
+    def acc(m):
+        low, high = m.get("greedy_accuracy_interval", (None, None))
+        return f"{m['greedy_accuracy']:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
+
+    print(f"{'set':<8} {'items':>6} {'greedy acc before [95% interval]':>34} {'after':>22} "
+          f"{'answer NLL before':>18} {'after':>8}")
     for name, m in metrics.items():
         b, a = m["before"], m["after"]
-        print(f"{name:<8} {b['items']:>6} {b['greedy_accuracy']:>18.3f} {a['greedy_accuracy']:>8.3f} "
-              f"{b['mean_token_nll']:>18.3f} {a['mean_token_nll']:>8.3f}")
+        print(f"{name:<8} {b['items']:>6} {acc(b):>34} {acc(a):>22} {b['mean_token_nll']:>18.3f} {a['mean_token_nll']:>8.3f}")
 
 
 def cmd_apply(args) -> int:
     from . import distributed
     from .job import apply
 
-    # issue 12: under torchrun, rank 0 alone prints (every rank prints its own error line, which
+    # under torchrun, rank 0 alone prints (every rank prints its own error line, which
     # torchrun's SIGTERM to the survivors must not cut short)
     distributed.HOLD_SIGTERM_AFTER_FAILURE = True
     quiet = distributed.launched_by_torchrun() and os.environ.get("RANK") != "0"
@@ -122,7 +175,7 @@ def cmd_apply(args) -> int:
                    dry_run=args.dry_run, config=_config(args), log=(lambda *a: None) if quiet else print)
     if quiet:
         return 0
-    print_metrics(report["metrics"])
+    print_metrics(report["metrics"], report.get("heldout"))
     for i, r in enumerate(report.get("requests", [])):
         print(f"request {i + 1} (folder sha256 {r['folder_sha256'][:12]}): ", end="")
         m = r["metrics"]["forget"]
@@ -163,7 +216,8 @@ def cmd_verify(args) -> int:
     result = verify(args.original, args.unlearned, args.forget, args.retain, device=args.device, text_path=args.text,
                     probes=not args.no_probes, max_forget_accuracy=args.max_forget_accuracy,
                     max_forget_choice_accuracy=args.max_forget_choice_accuracy, max_retain_drop=args.max_retain_drop,
-                    max_text_nll_change=args.max_text_nll_change)
+                    max_text_nll_change=args.max_text_nll_change, min_relearn_steps=args.min_relearn_steps,
+                    confidence=args.confidence)
     if args.report:
         write_file_atomic(args.report, (json.dumps(result, indent=2) + "\n").encode())
     if args.html:
@@ -171,7 +225,7 @@ def cmd_verify(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return exit_status(result)
-    print_metrics(result["metrics"])
+    print_verify_metrics(result["metrics"])
     print()
     print("\n".join(summary_lines(result)))
     for c in result["checks"]:
@@ -204,8 +258,35 @@ def cmd_convert(args) -> int:
     result = convert(args.kind, args.src, args.out, args.split)
     for name, c in result["splits"].items():
         note = f"; {c['pictures_without_qa']} pictures without QA get the default questions" if c["pictures_without_qa"] else ""
-        print(f"{name}: {c['pictures']} pictures, {c['qa']} QA lines, {c['people']} people ({c['rows']} rows{note})")
+        note += f"; {c['skipped_questions']} malformed questions skipped" if c["skipped_questions"] else ""
+        kinds = f" ({c['generation']} generation, {c['choice']} multiple choice, {c['cloze']} fill-in)" if c["choice"] or c["cloze"] else ""
+        print(f"{name}: {c['pictures']} pictures, {c['qa']} QA lines{kinds}, {c['people']} people ({c['rows']} rows{note})")
+        if c["text_qa"]:
+            print(f"{name}: {c['text_qa']} text-only questions in {name}.text.jsonl (for verify --text / evaluate --text)")
     print(f"written: {result['out']}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .benchmark import evaluate_benchmark, table_lines
+    from .journal import write_file_atomic
+
+    if args.report and not args.report.parent.is_dir():  # before hours of decoding, not after
+        raise UserError(f"{args.report.parent}: folder does not exist (give --report a path in an existing folder)")
+    result = evaluate_benchmark(args.original, args.unlearned, args.benchmark, args.forget, test=args.test,
+                                retain=args.retain, celebrity=args.celebrity, world=args.world, text=args.text,
+                                device=args.device, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    if args.report:
+        try:
+            write_file_atomic(args.report, (json.dumps(result, indent=2) + "\n").encode())
+        except OSError as e:
+            raise UserError(f"{args.report}: cannot write the report ({e.strerror or e})") from None
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print("\n".join(table_lines(result)))
+    if args.report:
+        print(f"report: {args.report}")
     return 0
 
 
@@ -244,7 +325,7 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     try:
         return {"apply": cmd_apply, "patch": cmd_patch, "verify": cmd_verify, "report": cmd_report,
-                "demo": cmd_demo, "convert": cmd_convert}[args.command](args)
+                "demo": cmd_demo, "convert": cmd_convert, "evaluate": cmd_evaluate}[args.command](args)
     except UserError as e:
         print(f"fastunlearn: error: {e}", file=sys.stderr)
         return e.exit_status
@@ -252,7 +333,7 @@ def _run(args) -> int:
         print("fastunlearn: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        # issue 12: under torchrun, a rank that raises says so in one line (its peers stop in one line
+        # under torchrun, a rank that raises says so in one line (its peers stop in one line
         # too); FASTUNLEARN_TRACEBACK=1 shows the traceback instead
         from .distributed import launched_by_torchrun
 

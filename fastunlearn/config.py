@@ -27,6 +27,9 @@ class Config:
     max_new_tokens: int = 32
     device: str = "auto"
     seed: int = 0
+    holdout: bool = True  # a first run without one picture per subject (with two or more) measures on it
+    select: bool = False  # held-out pictures choose the step (holdout.py)
+    search: bool = False  # held-out pictures also choose between these settings and a gentler one
     shard_llm: bool = False  # under torchrun, FSDP2-shard the frozen LLM's decoder layers over the ranks
 
     def check(self):

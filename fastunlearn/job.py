@@ -18,13 +18,13 @@ import gc
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from . import dist_samples as shards
-from . import distributed as dist  # issue 12: torchrun data parallelism (identity on one process)
+from . import distributed as dist  # torchrun data parallelism (identity on one process)
 from . import journal
 from . import safetensors_io as st
 from .config import Config, pick_device, seed_everything, trim_heap
@@ -35,6 +35,7 @@ from .features import drop_vision_tower
 from .fingerprints import config_fingerprint, fingerprint_checkpoint, fingerprint_folder
 from .load import check_weights_match_config, compute_dtype, master_params, open_checkpoint
 from .mask import fisher_diagonal, saliency_mask
+from . import holdout
 from .optimise import optimise
 from .targets import RETENTION_ON_NEW_PICTURES, chance_level, missed_targets
 from .write import preflight, write_result
@@ -75,6 +76,37 @@ def forget_folders(forget_dir) -> list[Path]:
     return out
 
 
+def describe_setting(cfg: Config) -> str:
+    return f"--method {cfg.method} --lr {cfg.lr:g} --mask {cfg.mask} --retain-weight {cfg.retain_weight:g} --steps {cfg.steps}"
+
+
+def first_runs(loaded, original, settings, masks, everything, forget_batches, retain_batches, heldout,
+               heldout_before, chance, select, log) -> dict:
+    """Each setting from the original projector, on the pictures not held out, scored on the held-out ones
+    at its last step (and every tenth of its steps when `select`); returns the best (holdout.rank_key):
+    setting index, step, projector, mask, and the trace of every score."""
+    best: dict = {"key": None, "trace": []}
+    for index, setting in enumerate(settings):
+        mask = masks.get(setting.mask, everything)
+
+        def checkpoint(step, current, index=index, mask=mask):
+            f = shards.summaries(shards.score(loaded, current, heldout["forget"]), heldout["forget"])[0]
+            r = shards.summaries(shards.score(loaded, current, heldout["retain"]), heldout["retain"])[0]
+            drop = heldout_before["retain"]["greedy_accuracy"] - r["greedy_accuracy"] if heldout["retain"] else 0.0
+            key = holdout.rank_key(f["greedy_accuracy"] if heldout["forget"] else 0.0, chance, drop, f["mean_token_nll"])
+            best["trace"].append({"setting": index, "step": step, "forget_accuracy": f["greedy_accuracy"],
+                                  "forget_nll": f["mean_token_nll"], "retain_accuracy": r["greedy_accuracy"],
+                                  "retain_nll": r["mean_token_nll"]})
+            if best["key"] is None or key < best["key"]:
+                best.update(key=key, setting=index, step=step, mask=mask,
+                            params={n: p.detach().clone() for n, p in current.items()})
+
+        trial = {n: p.detach().clone() for n, p in original.items()}
+        optimise(loaded, trial, mask, forget_batches, retain_batches, setting, log, checkpoint,
+                 holdout.eval_every(setting.steps) if select else setting.steps)
+    return best
+
+
 def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=logger.info) -> dict:
     """Run the job in memory. Returns the result: the changes to write and everything for the report.
     `forget_dir`: one folder, or several (one erasure request each: one load, one cache, one write)."""
@@ -95,13 +127,13 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     folders = forget_folders(forget_dir)
     requests = [read_folder(d, "forget") for d in folders]  # one list of items per erasure request
     retain_items = read_folder(retain_dir, "retain") if retain_dir is not None else []
-    device = dist.init(pick_device(cfg.device), shard=cfg.shard_llm)  # issue 12: cuda:LOCAL_RANK under torchrun
+    device = dist.init(pick_device(cfg.device), shard=cfg.shard_llm)  # cuda:LOCAL_RANK under torchrun
     loaded = open_checkpoint(ckpt, device, llm_later=True)  # the LLM cast once the tower is dropped
     phase("load")
     if any(it.answer is None for items in requests + [retain_items] for it in items):
         compute_dtype(loaded)  # the model's own greedy answers need the whole model
 
-    # issue 12: shards.fill_answers / shards.cache_samples / shards.make_batches / shards.score are the
+    # shards.fill_answers / shards.cache_samples / shards.make_batches / shards.score are the
     # features / batches / forward functions themselves on one process; under torchrun each rank
     # computes its own pictures' share and holds the others' as stubs
     requests = [shards.fill_answers(loaded, items, cfg.max_new_tokens) for items in requests]
@@ -109,59 +141,103 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     for d, items in zip(folders, requests):
         if not items:
             raise UserError(f"{d}: the model gives no answer to any forget question; nothing to forget")
+    chance = chance_level([it for items in requests for it in items],
+                          [it for items in requests for it in items] + retain_items)
+    # whole pictures held out of a first run (holdout.py): the erasure is measured on pictures it did not
+    # train on (and, when asked, they choose the step and the settings); the last run trains on every picture
+    held_by_request, held_retain, thin = [[] for _ in requests], [], {"forget": [], "retain": []}
+    if cfg.holdout:
+        splits = [holdout.split(items, cfg.seed) for items in requests]
+        requests, held_by_request = [train for train, _, _ in splits], [h for _, h, _ in splits]
+        thin["forget"] = sorted({s for _, _, t in splits for s in t})
+        retain_items, held_retain, thin["retain"] = holdout.split(retain_items, cfg.seed)
+        for role in ("forget", "retain"):
+            if thin[role]:
+                log(f"note: {len(thin[role])} {role} subject(s) have one picture, none to hold out ("
+                    + ", ".join(repr(s) for s in thin[role][:5]) + (", ...)" if len(thin[role]) > 5 else ")"))
+    held = {"forget": [it for h in held_by_request for it in h], "retain": held_retain}
     forget_items = [it for items in requests for it in items]
     phase("answers")
     # the check view (below) goes through the tower in the same call as the picture's other views
     per_request = [shards.cache_samples(loaded, items, "forget", cfg.views, cfg.seed, extra_views=1) for items in requests]
+    held_per_request = [shards.cache_samples(loaded, h, "held-out forget", cfg.views, cfg.seed) for h in held_by_request]
     forget_samples = [s for samples in per_request for s in samples]
+    held_forget = [s for samples in held_per_request for s in samples]
     retain_samples = shards.cache_samples(loaded, retain_items, "retain", cfg.views, cfg.seed, extra_views=1)
-    # the job's own check (targets.py): one more view of every picture, never trained on
+    held_retain_samples = shards.cache_samples(loaded, held_retain, "held-out retain", cfg.views, cfg.seed)
+    heldout = {role: shards.make_batches(loaded, [s for s in samples if s.view == 0], cfg.batch_size)
+               for role, samples in (("forget", held_forget), ("retain", held_retain_samples))}
+    # the job's own check (targets.py) where no picture is held out: one more view of every picture
     forget_check = shards.make_batches(loaded, shards.cache_samples(loaded, forget_items, "check", 0, cfg.seed, cfg.views + 1),
                                      cfg.batch_size)
     retain_check = shards.make_batches(loaded, shards.cache_samples(loaded, retain_items, "check", 0, cfg.seed, cfg.views + 1),
                                      cfg.batch_size)
     drop_vision_tower(loaded)
     compute_dtype(loaded, keep_embeddings=True)
-    forget_batches = shards.make_batches(loaded, forget_samples, cfg.batch_size)
+    forget_batches = shards.make_batches(loaded, forget_samples, cfg.batch_size)  # the first run's
     retain_batches = shards.make_batches(loaded, retain_samples, cfg.batch_size)
-    # metrics are measured on the pictures themselves, not on their augmented views
-    forget_eval = shards.make_batches(loaded, [s for s in forget_samples if s.view == 0], cfg.batch_size)
-    retain_eval = shards.make_batches(loaded, [s for s in retain_samples if s.view == 0], cfg.batch_size)
+    every_forget = shards.make_batches(loaded, forget_samples + held_forget, cfg.batch_size)  # the last run's
+    every_retain = shards.make_batches(loaded, retain_samples + held_retain_samples, cfg.batch_size)
+    # metrics are measured on every picture itself, not on its augmented views, request by request
+    eval_order = [[s for s in a + b if s.view == 0] for a, b in zip(per_request, held_per_request)]
+    forget_eval = shards.make_batches(loaded, [s for samples in eval_order for s in samples], cfg.batch_size)
+    retain_eval = shards.make_batches(loaded, [s for s in retain_samples + held_retain_samples if s.view == 0], cfg.batch_size)
     bounds = [0]
-    for samples in per_request:  # each request's pictures: a contiguous run of the evaluated sequences
-        bounds.append(bounds[-1] + sum(1 for s in samples if s.view == 0))
+    for samples in eval_order:  # each request's pictures: a contiguous run of the evaluated sequences
+        bounds.append(bounds[-1] + len(samples))
     slices = list(zip(bounds, bounds[1:])) if len(per_request) > 1 else []
     phase("cache")
 
     params = master_params(loaded)
-    # the original projector, computed once: the reference NLL of every forget view, and from the same
-    # pass the forget "before" metrics (the pictures themselves, view 0, in forget_eval's order)
-    forget_scores = shards.score(loaded, params, forget_batches)
-    reference = forget_scores["nll"]
-    view0 = torch.tensor([s.view == 0 for s in forget_samples if not isinstance(s, shards.RemoteSample)], dtype=torch.bool)
-    forget_before = {k: v[view0] for k, v in forget_scores.items()}
-    retain_before, retain_check_before = shards.score(loaded, params, retain_eval), shards.score(loaded, params, retain_check)
-    for batch, ref in zip(forget_batches, reference.split([len(b.lengths) for b in forget_batches])):
-        batch.ref_nll = ref.to(device)
+    # the original projector, computed once: the reference NLL of every forget sample (each rank's rows in
+    # the samples' order: the first run's samples come first), and the "before" metrics
+    reference = shards.score(loaded, params, every_forget)["nll"]
+    first = sum(1 for s in forget_samples if not isinstance(s, shards.RemoteSample))
+    for batches, refs in ((every_forget, reference), (forget_batches, reference[:first])):
+        for batch, ref in zip(batches, refs.split([len(b.lengths) for b in batches])):
+            batch.ref_nll = ref.to(device)
+    forget_before, retain_before = shards.score(loaded, params, forget_eval), shards.score(loaded, params, retain_eval)
+    retain_check_before = shards.score(loaded, params, retain_check)
+    heldout_before = {role: shards.summaries(shards.score(loaded, params, b), b)[0] for role, b in heldout.items()}
     phase("reference")
 
-    if cfg.mask == "fisher" and retain_samples:
+    measuring = bool(heldout["forget"] or heldout["retain"])
+    choosing = bool(heldout["forget"] and heldout["retain"])  # settings are compared on both sides only
+    settings = holdout.candidates(cfg) if choosing else [cfg]
+    if cfg.holdout and not measuring:
+        log("note: no picture held out (a subject needs two pictures to lend one): the report has no figures on "
+            "pictures the job did not train on")
+    masks = {}
+    if any(c.mask == "fisher" for c in settings) and retain_samples:
         forget_fisher = fisher_diagonal(loaded, params, forget_samples, cfg.fisher_samples)
         retain_fisher = fisher_diagonal(loaded, params, retain_samples, cfg.fisher_samples)
-        mask = saliency_mask(forget_fisher, retain_fisher, cfg.mask_threshold)
-    else:
-        if cfg.mask == "fisher":
-            log("note: no --retain folder: the saliency mask and the retain term are off, nothing protects other images")
-        mask = {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
+        masks["fisher"] = saliency_mask(forget_fisher, retain_fisher, cfg.mask_threshold)
+    elif cfg.mask == "fisher":
+        log("note: no --retain folder: the saliency mask and the retain term are off, nothing protects other images")
+    everything = {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
     phase("mask")
 
     dist.test_die("optimise")
-    losses = optimise(loaded, params, mask, forget_batches, retain_batches, cfg, log)
-    same_state = dist.same_state(params)  # issue 12: rank 0's projector on every rank, checked
+    if measuring:
+        best = first_runs(loaded, params, settings, masks, everything, forget_batches, retain_batches, heldout,
+                          heldout_before, chance, cfg.select, log)
+    else:
+        best = {"setting": 0, "step": cfg.steps, "mask": masks.get(cfg.mask, everything), "params": None, "trace": []}
+    chosen, mask = settings[best["setting"]], best["mask"]
+    if cfg.select or len(settings) > 1:
+        log(f"held-out pictures chose {describe_setting(chosen)}, stopped at step {best['step']} of {chosen.steps}")
+    params = {n: p.detach().clone() for n, p in params.items()}
+    losses = optimise(loaded, params, mask, every_forget, every_retain, replace(chosen, steps=best["step"]), log)
+    same_state = dist.same_state(params)  # rank 0's projector on every rank, checked
     phase("optimise")
 
     # What will be stored: cast once from fp32; evaluate exactly those values.
     new = {n: params[n].to(loaded.original[n].dtype).cpu() for n in params}
+    if all(torch.equal(new[n], loaded.original[n]) for n in new):  # an edit of nothing is no success (dry run too)
+        flat = not any(f.any() for f in fisher_diagonal(loaded, master_params(loaded), forget_samples, 8).values())
+        why = (loaded.adapter.connector_ignored(loaded.model) if flat else "no element of the connector moved (updates "
+               "below its stored precision, or none in the mask); raise --lr or --steps, or lower --mask-threshold")
+        raise UserError(f"{ckpt}: {why}; nothing was written")
     stored_params = master_params(loaded, new)
     forget_after = shards.score(loaded, stored_params, forget_eval)
     retain_after = shards.score(loaded, stored_params, retain_eval)
@@ -170,12 +246,20 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     (fc, _) = shards.summaries(shards.score(loaded, stored_params, forget_check), forget_check)
     (rcb, _), (rca, _) = (shards.summaries(retain_check_before, retain_check),
                           shards.summaries(shards.score(loaded, stored_params, retain_check), retain_check))
-    chance = chance_level(forget_items, forget_items + retain_items)
-    warnings = missed_targets(fc["greedy_accuracy"], chance, rcb["greedy_accuracy"] if retain_check else None,
-                              rca["greedy_accuracy"] if retain_check else None)
+    # on held-out pictures: the first run's projector (which did not train on them), as it would be stored
+    heldout_after = {}
+    if measuring:
+        first_params = master_params(loaded, {n: p.to(loaded.original[n].dtype).cpu() for n, p in best["params"].items()})
+        heldout_after = {role: shards.summaries(shards.score(loaded, first_params, b), b)[0] for role, b in heldout.items()}
+    # the targets are checked on the held-out pictures where there are some, else on the unseen views
+    f_check, f_on = (heldout_after["forget"], "held-out pictures") if heldout["forget"] else (fc, "unseen views")
+    r_check, r_on = (((heldout_before["retain"], heldout_after["retain"]), "held-out pictures") if heldout["retain"]
+                     else ((rcb, rca), "unseen views") if retain_check else ((None, None), ""))
+    warnings = missed_targets(f_check["greedy_accuracy"], chance, *(m and m["greedy_accuracy"] for m in r_check),
+                              forget_on=f_on, retain_on=r_on)
     for warning in warnings:
         log(f"WARNING: {warning}")
-    if retain_check:
+    if retain_check and not heldout["retain"]:
         log("note: retention was checked on new views of the retain pictures the job trained on, where the retain "
             f"term has already restored them; {RETENTION_ON_NEW_PICTURES} (benchmarks/RESULTS.md). Gate on pictures "
             "the job never saw: fastunlearn verify ORIGINAL UNLEARNED FORGET_DIR --retain NEW_DIR --max-retain-drop 0.02")
@@ -189,18 +273,33 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
         "device": str(device),
         "compute_dtype": str(loaded.model.get_output_embeddings().weight.dtype).replace("torch.", ""),
         "changes": changes,
-        "items": {"forget": forget_items, "retain": retain_items},
-        "metrics": {
+        "items": {"forget": forget_items + held["forget"], "retain": retain_items + held["retain"]},
+        "heldout": {
+            "note": ("whole pictures (one per subject with two or more) held out of a first run; 'after' is that run's "
+                     "projector, which did not train on them; the written projector is the last run's, with the same "
+                     "settings and steps on every picture, these included"
+                     + ("; they also chose the step and settings, so these figures lean optimistic"
+                        if cfg.select or len(settings) > 1 else "")
+                     + "; verify --retain NEW_DIR on pictures the job never saw at all is the unbiased measure"),
+            "pictures": {role: len({it.image for it in held[role]}) for role in held},
+            "thin_subjects": {role: len(thin[role]) for role in thin},
+            **{role: {"before": heldout_before[role], "after": heldout_after[role]} for role in held if heldout[role]},
+        },
+        "selection": {"settings": [describe_setting(c) for c in settings], "chosen": best["setting"],
+                      "step": best["step"], "trace": best["trace"]},
+        "metrics": {  # on every picture of the folders: the written projector trained on all of them
             "forget": {"before": fb, "after": fa},
             "retain": {"before": rb, "after": ra},
         },
-        "check": {"note": "exact-answer accuracy on one more augmented view of every picture, never trained on "
-                           f"(targets.py); new pictures fare worse, retention most: {RETENTION_ON_NEW_PICTURES}",
-                  "chance": round(chance, 6), "forget_after": fc["greedy_accuracy"],
-                  "retain_before": rcb["greedy_accuracy"] if retain_check else None,
-                  "retain_after": rca["greedy_accuracy"] if retain_check else None,
-                  "retain_nll_before": rcb["mean_token_nll"] if retain_check else None,
-                  "retain_nll_after": rca["mean_token_nll"] if retain_check else None, "warnings": warnings},
+        "check": {"note": "exact-answer accuracy on the held-out pictures (see heldout), or where a folder has none "
+                           "to hold out, on one more augmented view of every picture, never trained on (targets.py); "
+                           f"views are weak evidence, for retention most: {RETENTION_ON_NEW_PICTURES}",
+                  "on": {"forget": f_on, "retain": r_on or None},
+                  "chance": round(chance, 6), "forget_after": f_check["greedy_accuracy"],
+                  "retain_before": r_check[0] and r_check[0]["greedy_accuracy"],
+                  "retain_after": r_check[1] and r_check[1]["greedy_accuracy"],
+                  "retain_nll_before": r_check[0] and r_check[0]["mean_token_nll"],
+                  "retain_nll_after": r_check[1] and r_check[1]["mean_token_nll"], "warnings": warnings},
         "requests": [{"folder": d, "items": items, "metrics": {"before": b, "after": a}}
                      for d, items, b, a in zip(folders, requests, fb_req, fa_req)],
         "distributed": {**dist.describe(), "projector_identical_on_all_ranks": same_state},
@@ -228,13 +327,13 @@ def apply(ckpt, forget_dir, retain_dir=None, *, out=None, report_path=None, delt
     cfg.check()
     started = time.perf_counter()
     ckpt = Path(ckpt)
-    # issue 12: under torchrun, join the process group; rank 0 alone locks, recovers, writes
+    # under torchrun, join the process group; rank 0 alone locks, recovers, writes
     dist.init(pick_device(cfg.device), shard=cfg.shard_llm)
     try:
         return _apply(ckpt, forget_dir, retain_dir, out, report_path, delta_path, dry_run, cfg, log, started)
     except Exception as e:
-        dist.stopping()  # issue 12: torchrun's SIGTERM must not cut this rank's error line
-        failure = dist.as_failure(e)  # issue 12: a peer's death seen inside FSDP's collectives: one line
+        dist.stopping()  # torchrun's SIGTERM must not cut this rank's error line
+        failure = dist.as_failure(e)  # a peer's death seen inside FSDP's collectives: one line
         if failure is None:
             raise
         raise failure from None
@@ -261,7 +360,7 @@ def _apply(ckpt, forget_dir, retain_dir, out, report_path, delta_path, dry_run, 
                 stamps = {p.resolve(): st.file_stamp(p) for p in st.weight_files(ckpt)}
         except UserError as e:
             problem = e
-        # issue 12: every rank could start and got the same inputs, or every rank stops here
+        # every rank could start and got the same inputs, or every rank stops here
         dist.agree({"checkpoint": lambda: fingerprint_checkpoint(ckpt),
                     "forget": lambda: [fingerprint_folder(d) for d in folders],
                     "retain": lambda: fingerprint_folder(retain_dir),
@@ -271,7 +370,7 @@ def _apply(ckpt, forget_dir, retain_dir, out, report_path, delta_path, dry_run, 
         result = unlearn(ckpt, folders, Path(retain_dir) if retain_dir else None, cfg, log)
         gc.collect()
 
-        def write_and_report():  # rank 0 only (issue 12); the whole job on one process
+        def write_and_report():  # rank 0 only; the whole job on one process
             journal.test_pause("before-write")
             t_write = time.perf_counter()
             proof = write_result(ckpt, result, Path(out) if out else None, dry_run, stamps)

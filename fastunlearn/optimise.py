@@ -25,7 +25,10 @@ def pass_size(device: torch.device) -> int:
     return STEP_PASS.get(device.type, 8)
 
 
-def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, log) -> list[float]:
+def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, log, checkpoint=None,
+             every: int = 0) -> list[float]:
+    """`cfg.steps` masked AdamW steps on `params` (in place); `checkpoint(step, params)` after every
+    `every` steps and after the last, when given. Returns the loss of each step."""
     trainable = {n: p.requires_grad_(True) for n, p in params.items()}
     state = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
     use_retain = bool(retain_batches) and uses_retain(cfg.method)
@@ -56,6 +59,8 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
         if loaded.device.type == "cpu":
             trim_heap()  # see config.trim_heap: the peak stays at one pass's activations
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if checkpoint is not None and ((step + 1) % every == 0 or step + 1 == cfg.steps):
+            checkpoint(step + 1, params)
     for p in params.values():
         p.requires_grad_(False)
     return losses

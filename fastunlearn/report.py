@@ -77,6 +77,8 @@ def reproduce_info(result: dict) -> dict:
     options = " ".join(f"--{k.replace('_', '-')} {cfg[k]}" for k in ("method", "steps", "lr", "beta", "retain_weight",
                                                                         "mask", "mask_threshold", "views", "batch_size",
                                                                         "seed") if k in cfg)
+    options += " --no-holdout" if cfg.get("holdout") is False else ""
+    options += "".join(f" --{flag}" for k, flag in (("select", "select-step"), ("search", "search")) if cfg.get(k))
     world = result.get("distributed", {}).get("world_size", 1)
     if world > 1:  # the same job under torchrun: sums are reduced in another order
         options += " --shard-llm" if cfg.get("shard_llm") else ""
@@ -139,7 +141,9 @@ def build_report(result: dict, proof: dict, source: Path, forget_dir, retain_dir
             "all_other_bytes_unchanged": all_other_unchanged,
         },
         "files": files,
-        "metrics": result["metrics"],
+        "heldout": result["heldout"],  # the headline: whole pictures the update never trained on
+        "selection": result["selection"],
+        "metrics": result["metrics"],  # on the pictures the job trained on
         "mask_density": result["mask_density"],
         "loss_curve": result["losses"],
         "check": result["check"],  # the job's own check of its targets on unseen views, and its warnings

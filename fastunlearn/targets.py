@@ -37,13 +37,15 @@ def chance_level(items: list, pool: list) -> float:
 
 
 def missed_targets(forget_after: float, chance: float, retain_before: float | None, retain_after: float | None,
-                   forget_tolerance: float = FORGET_TOLERANCE, retain_tolerance: float = RETAIN_TOLERANCE) -> list[str]:
-    """One warning per missed target (empty when both are met)."""
+                   forget_tolerance: float = FORGET_TOLERANCE, retain_tolerance: float = RETAIN_TOLERANCE,
+                   forget_on: str = "unseen views", retain_on: str = "unseen views") -> list[str]:
+    """One warning per missed target (empty when both are met). `forget_on` / `retain_on`: what was
+    scored ("held-out pictures" of the folders, or "unseen views" of the training pictures)."""
     out = []
     if forget_after > chance + forget_tolerance + 1e-12:
-        out.append(f"forgetting missed its target on unseen views of the forget pictures: exact-answer accuracy "
+        out.append(f"forgetting missed its target on {forget_on} of the forget folders: exact-answer accuracy "
                    f"{100 * forget_after:.1f}% > chance {100 * chance:.1f}% + {100 * forget_tolerance:.0f} points")
     if retain_before is not None and retain_after is not None and retain_after < retain_before - retain_tolerance - 1e-12:
-        out.append(f"retention missed its target on unseen views of the retain pictures: exact-answer accuracy "
+        out.append(f"retention missed its target on {retain_on} of the retain folder: exact-answer accuracy "
                    f"{100 * retain_before:.1f}% -> {100 * retain_after:.1f}% (more than {100 * retain_tolerance:.0f} points lost)")
     return out

@@ -1,4 +1,4 @@
-"""Issue 9: the job's own check of its targets (targets.py) and the warning `apply` prints when it
+"""The job's own check of its targets (targets.py) and the warning `apply` prints when it
 misses. The efficacy protocol itself (5 draws, both families, look-alikes) is benchmarks/efficacy.py."""
 from pathlib import Path
 
@@ -24,10 +24,11 @@ def test_missed_targets():
 
 
 def test_apply_warns_when_its_own_check_misses(variant, folders):
-    """One step cannot forget: the job's check on unseen views says so, and apply logs a WARNING."""
+    """One step cannot forget: the job's check on unseen views (no picture held out) says so, and
+    apply logs a WARNING."""
     notes = []
     report = apply(variant("llava"), folders / "forget", folders / "retain", dry_run=True,
-                   config=Config(steps=1, views=1, fisher_samples=8), log=notes.append)
+                   config=Config(steps=1, views=1, fisher_samples=8, holdout=False), log=notes.append)
     check = report["check"]
     assert check["chance"] == pytest.approx(1 / 8)  # 8 people, one name each
     assert check["forget_after"] > check["chance"] + 0.05
@@ -42,6 +43,7 @@ def test_a_successful_erasure_passes_its_check(variant, folders):
     report = apply(variant("llava"), folders / "forget", folders / "retain", dry_run=True, config=Config(),
                    log=notes.append)
     check = report["check"]
+    assert check["on"] == {"forget": "held-out pictures", "retain": "held-out pictures"}
     assert check["forget_after"] <= check["chance"] + 0.05
     assert not any(n.startswith("WARNING: forgetting") for n in notes)
     assert check["retain_before"] is not None and check["retain_after"] is not None
