@@ -24,7 +24,9 @@ import math
 import random
 from dataclasses import replace
 
+from . import dist_samples as shards
 from .data import Item
+from .optimise import optimise
 from .targets import FORGET_TOLERANCE
 
 
@@ -61,3 +63,34 @@ def rank_key(forget_acc: float, chance: float, retain_drop: float, forget_nll: f
     """Smaller is better (module docstring)."""
     forgotten = forget_acc <= chance + FORGET_TOLERANCE + 1e-12
     return (not forgotten, 0.0 if forgotten else round(forget_acc, 6), round(retain_drop, 6), -forget_nll)
+
+
+def describe_setting(cfg) -> str:
+    return f"--method {cfg.method} --lr {cfg.lr:g} --mask {cfg.mask} --retain-weight {cfg.retain_weight:g} --steps {cfg.steps}"
+
+
+def first_runs(loaded, original, settings, masks, everything, forget_batches, retain_batches, heldout,
+               heldout_before, chance, select, log) -> dict:
+    """Each setting from the original projector, on the pictures not held out, scored on the held-out ones
+    at its last step (and every tenth of its steps when `select`); returns the best (holdout.rank_key):
+    setting index, step, projector, mask, and the trace of every score."""
+    best: dict = {"key": None, "trace": []}
+    for index, setting in enumerate(settings):
+        mask = masks.get(setting.mask, everything)
+
+        def checkpoint(step, current, index=index, mask=mask):
+            f = shards.summaries(shards.score(loaded, current, heldout["forget"]), heldout["forget"])[0]
+            r = shards.summaries(shards.score(loaded, current, heldout["retain"]), heldout["retain"])[0]
+            drop = heldout_before["retain"]["greedy_accuracy"] - r["greedy_accuracy"] if heldout["retain"] else 0.0
+            key = rank_key(f["greedy_accuracy"] if heldout["forget"] else 0.0, chance, drop, f["mean_token_nll"])
+            best["trace"].append({"setting": index, "step": step, "forget_accuracy": f["greedy_accuracy"],
+                                  "forget_nll": f["mean_token_nll"], "retain_accuracy": r["greedy_accuracy"],
+                                  "retain_nll": r["mean_token_nll"]})
+            if best["key"] is None or key < best["key"]:
+                best.update(key=key, setting=index, step=step, mask=mask,
+                            params={n: p.detach().clone() for n, p in current.items()})
+
+        trial = {n: p.detach().clone() for n, p in original.items()}
+        optimise(loaded, trial, mask, forget_batches, retain_batches, setting, log, checkpoint,
+                 eval_every(setting.steps) if select else setting.steps)
+    return best

@@ -76,37 +76,6 @@ def forget_folders(forget_dir) -> list[Path]:
     return out
 
 
-def describe_setting(cfg: Config) -> str:
-    return f"--method {cfg.method} --lr {cfg.lr:g} --mask {cfg.mask} --retain-weight {cfg.retain_weight:g} --steps {cfg.steps}"
-
-
-def first_runs(loaded, original, settings, masks, everything, forget_batches, retain_batches, heldout,
-               heldout_before, chance, select, log) -> dict:
-    """Each setting from the original projector, on the pictures not held out, scored on the held-out ones
-    at its last step (and every tenth of its steps when `select`); returns the best (holdout.rank_key):
-    setting index, step, projector, mask, and the trace of every score."""
-    best: dict = {"key": None, "trace": []}
-    for index, setting in enumerate(settings):
-        mask = masks.get(setting.mask, everything)
-
-        def checkpoint(step, current, index=index, mask=mask):
-            f = shards.summaries(shards.score(loaded, current, heldout["forget"]), heldout["forget"])[0]
-            r = shards.summaries(shards.score(loaded, current, heldout["retain"]), heldout["retain"])[0]
-            drop = heldout_before["retain"]["greedy_accuracy"] - r["greedy_accuracy"] if heldout["retain"] else 0.0
-            key = holdout.rank_key(f["greedy_accuracy"] if heldout["forget"] else 0.0, chance, drop, f["mean_token_nll"])
-            best["trace"].append({"setting": index, "step": step, "forget_accuracy": f["greedy_accuracy"],
-                                  "forget_nll": f["mean_token_nll"], "retain_accuracy": r["greedy_accuracy"],
-                                  "retain_nll": r["mean_token_nll"]})
-            if best["key"] is None or key < best["key"]:
-                best.update(key=key, setting=index, step=step, mask=mask,
-                            params={n: p.detach().clone() for n, p in current.items()})
-
-        trial = {n: p.detach().clone() for n, p in original.items()}
-        optimise(loaded, trial, mask, forget_batches, retain_batches, setting, log, checkpoint,
-                 holdout.eval_every(setting.steps) if select else setting.steps)
-    return best
-
-
 def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=logger.info) -> dict:
     """Run the job in memory. Returns the result: the changes to write and everything for the report.
     `forget_dir`: one folder, or several (one erasure request each: one load, one cache, one write)."""
@@ -219,13 +188,13 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
 
     dist.test_die("optimise")
     if measuring:
-        best = first_runs(loaded, params, settings, masks, everything, forget_batches, retain_batches, heldout,
+        best = holdout.first_runs(loaded, params, settings, masks, everything, forget_batches, retain_batches, heldout,
                           heldout_before, chance, cfg.select, log)
     else:
         best = {"setting": 0, "step": cfg.steps, "mask": masks.get(cfg.mask, everything), "params": None, "trace": []}
     chosen, mask = settings[best["setting"]], best["mask"]
     if cfg.select or len(settings) > 1:
-        log(f"held-out pictures chose {describe_setting(chosen)}, stopped at step {best['step']} of {chosen.steps}")
+        log(f"held-out pictures chose {holdout.describe_setting(chosen)}, stopped at step {best['step']} of {chosen.steps}")
     params = {n: p.detach().clone() for n, p in params.items()}
     losses = optimise(loaded, params, mask, every_forget, every_retain, replace(chosen, steps=best["step"]), log)
     same_state = dist.same_state(params)  # rank 0's projector on every rank, checked
@@ -285,7 +254,7 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
             "thin_subjects": {role: len(thin[role]) for role in thin},
             **{role: {"before": heldout_before[role], "after": heldout_after[role]} for role in held if heldout[role]},
         },
-        "selection": {"settings": [describe_setting(c) for c in settings], "chosen": best["setting"],
+        "selection": {"settings": [holdout.describe_setting(c) for c in settings], "chosen": best["setting"],
                       "step": best["step"], "trace": best["trace"]},
         "metrics": {  # on every picture of the folders: the written projector trained on all of them
             "forget": {"before": fb, "after": fa},
