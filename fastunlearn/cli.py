@@ -211,7 +211,8 @@ def cmd_patch(args) -> int:
 def cmd_verify(args) -> int:
     from .html_report import render_html, summary_lines
     from .journal import write_file_atomic
-    from .verification import exit_status, verify
+    from .checks import exit_status
+    from .verification import verify
 
     result = verify(args.original, args.unlearned, args.forget, args.retain, device=args.device, text_path=args.text,
                     probes=not args.no_probes, max_forget_accuracy=args.max_forget_accuracy,

@@ -9,7 +9,7 @@ import fastunlearn
 from fastunlearn import intervals as ci
 from fastunlearn.cli import main
 from fastunlearn.html_report import render_html, summary_lines
-from fastunlearn.verification import add_intervals, relearn_checks, threshold_checks
+from fastunlearn.checks import add_intervals, relearn_checks, threshold_checks
 
 from conftest import asset
 
