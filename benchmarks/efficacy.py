@@ -28,7 +28,10 @@ answers bit-identical).
 
 `--world bench` / `lookalike` / `bench-deep` need the checkpoints: python scripts/build_bench_world.py
 [--world lookalike] (build/bench-world, build/lookalike-world; bench-deep: --vision-layers 6 --out
-build/bench-deep-world, LLaVA with --steps 4000). `--world demo` uses the shipped 8-person checkpoints.
+build/bench-deep-world, LLaVA with --steps 4000). `--world clip-recipe` / `clip-lookalike` (the same
+people on a frozen 6-layer tower pretrained contrastively on other people, as LLaVA-1.5 is built):
+python scripts/build_clip_world.py [--world clip-lookalike] (build/clip-recipe-world,
+build/clip-lookalike-world). `--world demo` uses the shipped 8-person checkpoints.
 """
 from __future__ import annotations
 
@@ -64,12 +67,23 @@ WORLDS = {
                                                          "qwen2_vl": Path("build/bench-deep-world/qwen2vl-people20")}),
     "lookalike": dict(make=bw.lookalike_world, checkpoints={"llava": Path("build/lookalike-world/llava-people20"),
                                                             "qwen2_vl": Path("build/lookalike-world/qwen2vl-people20")}),
+    # the same two worlds on a frozen tower pretrained contrastively on other people (scripts/build_clip_world.py)
+    "clip-recipe": dict(make=bw.bench_world, checkpoints={"llava": Path("build/clip-recipe-world/llava-people20"),
+                                                          "qwen2_vl": Path("build/clip-recipe-world/qwen2vl-people20")}),
+    "clip-lookalike": dict(make=bw.lookalike_world,
+                           checkpoints={"llava": Path("build/clip-lookalike-world/llava-people20"),
+                                        "qwen2_vl": Path("build/clip-lookalike-world/qwen2vl-people20")}),
 }
+LOOKALIKE_WORLDS = ("lookalike", "clip-lookalike")  # each draw forgets one side of look-alike pairs
 FORGET_PICTURES, RETAIN_PICTURES, HELDOUT_PICTURES = 6, 2, 10
 
 # name -> Config overrides (everything else: Config's defaults). "default" is Config() as shipped.
 VARIANTS = {
     "default": {},
+    # one run on every picture, no measurement on held-out pictures
+    "no hold-out": {"holdout": False},
+    # held-out pictures choose the step and between the given settings and a gentler one (holdout.py)
+    "held-out choice of step and settings": {"select": True, "search": True},
     "NPO, no mask": {"mask": "none"},
     # the published methods' objectives on the same projector-only job
     "GA": {"method": "ga"},
@@ -85,7 +99,7 @@ VARIANTS = {
 
 def draw_forget(w: bw.World, world_name: str, n: int, seed: int) -> list[int]:
     rng = np.random.default_rng([seed, 4242])
-    if world_name == "lookalike":
+    if world_name in LOOKALIKE_WORLDS:
         pairs = bw.lookalike_pairs(w)
         chosen = rng.choice(len(pairs), size=n, replace=False)
         return sorted(int(pairs[k][rng.integers(0, 2)]) for k in chosen)
@@ -282,7 +296,8 @@ def main():
         custom = {}
         for kv in pairs:
             k, v = kv.split("=", 1)
-            custom[k] = type(getattr(Config(), k))(v)
+            kind = type(getattr(Config(), k))
+            custom[k] = v.lower() in ("1", "true", "yes") if kind is bool else kind(v)
         variants[" ".join(pairs)] = custom
     rows, started = [], time.perf_counter()
     out = args.json or args.workdir / "efficacy.json"
@@ -294,7 +309,8 @@ def main():
         for family in args.models:
             ckpt = spec["checkpoints"][family]
             if not (ckpt / "model.safetensors").exists():
-                sys.exit(f"{ckpt}: missing; build it with python scripts/build_bench_world.py (see this script's help)")
+                sys.exit(f"{ckpt}: missing; build it with python scripts/build_bench_world.py or "
+                         "scripts/build_clip_world.py (see this script's help)")
             for seed in args.seeds:  # seeds outermost: a run stopped early still covers every forget size
                 for n_forget in args.forget:
                     probes = args.probes and (args.probe_seeds is None or seed in args.probe_seeds)

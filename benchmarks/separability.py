@@ -3,6 +3,9 @@
     python benchmarks/separability.py [--worlds bench lookalike] [--models llava qwen2_vl]
                                       [--forget 1 2 4] [--seeds 0 1 2 3 4] [--workdir build/efficacy]
 
+(--worlds: any of benchmarks/efficacy.py's, e.g. clip-recipe / clip-lookalike, the worlds on a frozen
+contrastively pretrained tower.)
+
 The projector maps one unit at a time (LLaVA: one patch token; Qwen2-VL: one 2x2 merge group of
 patches) and never sees the rest of the picture. An edit of it changes the LLM's input on a unit
 of somebody else's picture exactly as much as on a forgotten person's unit that looks the same. So

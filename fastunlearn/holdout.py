@@ -45,6 +45,12 @@ def split(items: list[Item], seed: int) -> tuple[list[Item], list[Item], list[st
     return [it for it in items if it.image not in held], [it for it in items if it.image in held], thin
 
 
+def sample_flags(items: list[Item], views: int, held_images: set) -> list[bool]:
+    """Per cached sample of `items` (features.cache_samples: one per text item, 1 + views per picture's
+    item, in order): is its picture held out?"""
+    return [it.image in held_images for it in items for _ in range(1 if it.image is None else 1 + views)]
+
+
 def candidates(cfg) -> list:
     """The settings to try: the given ones and, when cfg.search, a gentler one: a tenth of the step, no
     mask, a retain term 2 stronger, a fifth more steps (from the defaults: --lr 1e-3 --mask none
@@ -71,14 +77,14 @@ def describe_setting(cfg) -> str:
 
 def first_runs(loaded, original, settings, masks, everything, forget_batches, retain_batches, heldout,
                heldout_before, chance, select, log) -> dict:
-    """Each setting from the original projector, on the pictures not held out, scored on the held-out ones
-    at its last step (and every tenth of its steps when `select`); returns the best (holdout.rank_key):
-    setting index, step, projector, mask, and the trace of every score."""
+    """Each setting from the original projector, on the pictures not held out (`masks`: taken on them too),
+    scored on the held-out ones at its last step (and every tenth of its steps when `select`); returns the
+    best (rank_key): setting index, step, projector, and the trace of every score."""
     best: dict = {"key": None, "trace": []}
     for index, setting in enumerate(settings):
         mask = masks.get(setting.mask, everything)
 
-        def checkpoint(step, current, index=index, mask=mask):
+        def checkpoint(step, current, index=index):
             f = shards.summaries(shards.score(loaded, current, heldout["forget"]), heldout["forget"])[0]
             r = shards.summaries(shards.score(loaded, current, heldout["retain"]), heldout["retain"])[0]
             drop = heldout_before["retain"]["greedy_accuracy"] - r["greedy_accuracy"] if heldout["retain"] else 0.0
@@ -87,8 +93,7 @@ def first_runs(loaded, original, settings, masks, everything, forget_batches, re
                                   "forget_nll": f["mean_token_nll"], "retain_accuracy": r["greedy_accuracy"],
                                   "retain_nll": r["mean_token_nll"]})
             if best["key"] is None or key < best["key"]:
-                best.update(key=key, setting=index, step=step, mask=mask,
-                            params={n: p.detach().clone() for n, p in current.items()})
+                best.update(key=key, setting=index, step=step, params={n: p.detach().clone() for n, p in current.items()})
 
         trial = {n: p.detach().clone() for n, p in original.items()}
         optimise(loaded, trial, mask, forget_batches, retain_batches, setting, log, checkpoint,

@@ -76,6 +76,13 @@ def forget_folders(forget_dir) -> list[Path]:
     return out
 
 
+def fisher_masks(loaded, params, forget: list, retain: list, cfg: Config) -> dict:
+    """{"fisher": the saliency mask of these forget and retain samples}."""
+    forget_fisher = fisher_diagonal(loaded, params, forget, cfg.fisher_samples)
+    retain_fisher = fisher_diagonal(loaded, params, retain, cfg.fisher_samples)
+    return {"fisher": saliency_mask(forget_fisher, retain_fisher, cfg.mask_threshold)}
+
+
 def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=logger.info) -> dict:
     """Run the job in memory. Returns the result: the changes to write and everything for the report.
     `forget_dir`: one folder, or several (one erasure request each: one load, one cache, one write)."""
@@ -110,32 +117,25 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     for d, items in zip(folders, requests):
         if not items:
             raise UserError(f"{d}: the model gives no answer to any forget question; nothing to forget")
-    chance = chance_level([it for items in requests for it in items],
-                          [it for items in requests for it in items] + retain_items)
+    forget_items = [it for items in requests for it in items]
+    chance = chance_level(forget_items, forget_items + retain_items)
     # whole pictures held out of a first run (holdout.py): the erasure is measured on pictures it did not
-    # train on (and, when asked, they choose the step and the settings); the last run trains on every picture
-    held_by_request, held_retain, thin = [[] for _ in requests], [], {"forget": [], "retain": []}
+    # train on (and, when asked, they choose the step and the settings); the last run is the job itself
+    held_images, thin = set(), {"forget": [], "retain": []}
     if cfg.holdout:
-        splits = [holdout.split(items, cfg.seed) for items in requests]
-        requests, held_by_request = [train for train, _, _ in splits], [h for _, h, _ in splits]
-        thin["forget"] = sorted({s for _, _, t in splits for s in t})
-        retain_items, held_retain, thin["retain"] = holdout.split(retain_items, cfg.seed)
+        for role, folder_items in [("forget", items) for items in requests] + [("retain", retain_items)]:
+            _, held, thin_subjects = holdout.split(folder_items, cfg.seed)
+            held_images |= {it.image for it in held}
+            thin[role] = sorted(set(thin[role]) | set(thin_subjects))
         for role in ("forget", "retain"):
             if thin[role]:
                 log(f"note: {len(thin[role])} {role} subject(s) have one picture, none to hold out ("
                     + ", ".join(repr(s) for s in thin[role][:5]) + (", ...)" if len(thin[role]) > 5 else ")"))
-    held = {"forget": [it for h in held_by_request for it in h], "retain": held_retain}
-    forget_items = [it for items in requests for it in items]
     phase("answers")
     # the check view (below) goes through the tower in the same call as the picture's other views
     per_request = [shards.cache_samples(loaded, items, "forget", cfg.views, cfg.seed, extra_views=1) for items in requests]
-    held_per_request = [shards.cache_samples(loaded, h, "held-out forget", cfg.views, cfg.seed) for h in held_by_request]
     forget_samples = [s for samples in per_request for s in samples]
-    held_forget = [s for samples in held_per_request for s in samples]
     retain_samples = shards.cache_samples(loaded, retain_items, "retain", cfg.views, cfg.seed, extra_views=1)
-    held_retain_samples = shards.cache_samples(loaded, held_retain, "held-out retain", cfg.views, cfg.seed)
-    heldout = {role: shards.make_batches(loaded, [s for s in samples if s.view == 0], cfg.batch_size)
-               for role, samples in (("forget", held_forget), ("retain", held_retain_samples))}
     # the job's own check (targets.py) where no picture is held out: one more view of every picture
     forget_check = shards.make_batches(loaded, shards.cache_samples(loaded, forget_items, "check", 0, cfg.seed, cfg.views + 1),
                                      cfg.batch_size)
@@ -143,31 +143,36 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
                                      cfg.batch_size)
     drop_vision_tower(loaded)
     compute_dtype(loaded, keep_embeddings=True)
-    forget_batches = shards.make_batches(loaded, forget_samples, cfg.batch_size)  # the first run's
+    held = {"forget": holdout.sample_flags(forget_items, cfg.views, held_images),
+            "retain": holdout.sample_flags(retain_items, cfg.views, held_images)}
+    first_forget = [s for s, h in zip(forget_samples, held["forget"]) if not h]
+    first_retain = [s for s, h in zip(retain_samples, held["retain"]) if not h]
+    heldout = {role: shards.make_batches(loaded, [s for s, h in zip(samples, held[role]) if h and s.view == 0],
+                                         cfg.batch_size)
+               for role, samples in (("forget", forget_samples), ("retain", retain_samples))}
+    forget_batches = shards.make_batches(loaded, forget_samples, cfg.batch_size)
     retain_batches = shards.make_batches(loaded, retain_samples, cfg.batch_size)
-    every_forget = shards.make_batches(loaded, forget_samples + held_forget, cfg.batch_size)  # the last run's
-    every_retain = shards.make_batches(loaded, retain_samples + held_retain_samples, cfg.batch_size)
-    # metrics are measured on every picture itself, not on its augmented views, request by request
-    eval_order = [[s for s in a + b if s.view == 0] for a, b in zip(per_request, held_per_request)]
-    forget_eval = shards.make_batches(loaded, [s for samples in eval_order for s in samples], cfg.batch_size)
-    retain_eval = shards.make_batches(loaded, [s for s in retain_samples + held_retain_samples if s.view == 0], cfg.batch_size)
+    # metrics are measured on the pictures themselves, not on their augmented views
+    forget_eval = shards.make_batches(loaded, [s for s in forget_samples if s.view == 0], cfg.batch_size)
+    retain_eval = shards.make_batches(loaded, [s for s in retain_samples if s.view == 0], cfg.batch_size)
     bounds = [0]
-    for samples in eval_order:  # each request's pictures: a contiguous run of the evaluated sequences
-        bounds.append(bounds[-1] + len(samples))
+    for samples in per_request:  # each request's pictures: a contiguous run of the evaluated sequences
+        bounds.append(bounds[-1] + sum(1 for s in samples if s.view == 0))
     slices = list(zip(bounds, bounds[1:])) if len(per_request) > 1 else []
     phase("cache")
 
     params = master_params(loaded)
-    # the original projector, computed once: the reference NLL of every forget sample (each rank's rows in
-    # the samples' order: the first run's samples come first), and the "before" metrics
-    reference = shards.score(loaded, params, every_forget)["nll"]
-    first = sum(1 for s in forget_samples if not isinstance(s, shards.RemoteSample))
-    for batches, refs in ((every_forget, reference), (forget_batches, reference[:first])):
-        for batch, ref in zip(batches, refs.split([len(b.lengths) for b in batches])):
-            batch.ref_nll = ref.to(device)
-    forget_before, retain_before = shards.score(loaded, params, forget_eval), shards.score(loaded, params, retain_eval)
-    retain_check_before = shards.score(loaded, params, retain_check)
+    # the original projector, computed once: the reference NLL of every forget view, and from the same
+    # pass the forget "before" metrics (the pictures themselves, view 0, in forget_eval's order)
+    forget_scores = shards.score(loaded, params, forget_batches)
+    reference = forget_scores["nll"]
+    mine = [not isinstance(s, shards.RemoteSample) for s in forget_samples]  # this rank's rows, in order
+    view0 = torch.tensor([s.view == 0 for s, m in zip(forget_samples, mine) if m], dtype=torch.bool)
+    forget_before = {k: v[view0] for k, v in forget_scores.items()}
+    retain_before, retain_check_before = shards.score(loaded, params, retain_eval), shards.score(loaded, params, retain_check)
     heldout_before = {role: shards.summaries(shards.score(loaded, params, b), b)[0] for role, b in heldout.items()}
+    for batch, ref in zip(forget_batches, reference.split([len(b.lengths) for b in forget_batches])):
+        batch.ref_nll = ref.to(device)
     phase("reference")
 
     measuring = bool(heldout["forget"] or heldout["retain"])
@@ -176,27 +181,30 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     if cfg.holdout and not measuring:
         log("note: no picture held out (a subject needs two pictures to lend one): the report has no figures on "
             "pictures the job did not train on")
-    masks = {}
-    if any(c.mask == "fisher" for c in settings) and retain_samples:
-        forget_fisher = fisher_diagonal(loaded, params, forget_samples, cfg.fisher_samples)
-        retain_fisher = fisher_diagonal(loaded, params, retain_samples, cfg.fisher_samples)
-        masks["fisher"] = saliency_mask(forget_fisher, retain_fisher, cfg.mask_threshold)
-    elif cfg.mask == "fisher":
+    fisher = bool(any(c.mask == "fisher" for c in settings) and retain_samples)
+    if cfg.mask == "fisher" and not retain_samples:
         log("note: no --retain folder: the saliency mask and the retain term are off, nothing protects other images")
     everything = {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
+    masks = fisher_masks(loaded, params, forget_samples, retain_samples, cfg) if fisher else {}
     phase("mask")
 
     dist.test_die("optimise")
+    best = {"setting": 0, "step": cfg.steps, "params": None, "trace": []}
     if measuring:
-        best = holdout.first_runs(loaded, params, settings, masks, everything, forget_batches, retain_batches, heldout,
-                          heldout_before, chance, cfg.select, log)
-    else:
-        best = {"setting": 0, "step": cfg.steps, "mask": masks.get(cfg.mask, everything), "params": None, "trace": []}
-    chosen, mask = settings[best["setting"]], best["mask"]
+        first_batches = shards.make_batches(loaded, first_forget, cfg.batch_size)
+        first_ref = reference[~torch.tensor([h for h, m in zip(held["forget"], mine) if m], dtype=torch.bool)]
+        for batch, ref in zip(first_batches, first_ref.split([len(b.lengths) for b in first_batches])):
+            batch.ref_nll = ref.to(device)
+        first_masks = fisher_masks(loaded, params, first_forget, first_retain, cfg) if fisher else {}
+        best = holdout.first_runs(loaded, params, settings, first_masks, everything,
+                                  first_batches, shards.make_batches(loaded, first_retain, cfg.batch_size), heldout,
+                                  heldout_before, chance, cfg.select, log)
+    chosen = settings[best["setting"]]
     if cfg.select or len(settings) > 1:
         log(f"held-out pictures chose {holdout.describe_setting(chosen)}, stopped at step {best['step']} of {chosen.steps}")
+    mask = masks.get(chosen.mask, everything)
     params = {n: p.detach().clone() for n, p in params.items()}
-    losses = optimise(loaded, params, mask, every_forget, every_retain, replace(chosen, steps=best["step"]), log)
+    losses = optimise(loaded, params, mask, forget_batches, retain_batches, replace(chosen, steps=best["step"]), log)
     same_state = dist.same_state(params)  # rank 0's projector on every rank, checked
     phase("optimise")
 
@@ -242,7 +250,7 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
         "device": str(device),
         "compute_dtype": str(loaded.model.get_output_embeddings().weight.dtype).replace("torch.", ""),
         "changes": changes,
-        "items": {"forget": forget_items + held["forget"], "retain": retain_items + held["retain"]},
+        "items": {"forget": forget_items, "retain": retain_items},
         "heldout": {
             "note": ("whole pictures (one per subject with two or more) held out of a first run; 'after' is that run's "
                      "projector, which did not train on them; the written projector is the last run's, with the same "
@@ -250,9 +258,10 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
                      + ("; they also chose the step and settings, so these figures lean optimistic"
                         if cfg.select or len(settings) > 1 else "")
                      + "; verify --retain NEW_DIR on pictures the job never saw at all is the unbiased measure"),
-            "pictures": {role: len({it.image for it in held[role]}) for role in held},
+            "pictures": {role: len({it.image for it in items if it.image in held_images})
+                         for role, items in (("forget", forget_items), ("retain", retain_items))},
             "thin_subjects": {role: len(thin[role]) for role in thin},
-            **{role: {"before": heldout_before[role], "after": heldout_after[role]} for role in held if heldout[role]},
+            **{role: {"before": heldout_before[role], "after": heldout_after[role]} for role in heldout if heldout[role]},
         },
         "selection": {"settings": [holdout.describe_setting(c) for c in settings], "chosen": best["setting"],
                       "step": best["step"], "trace": best["trace"]},

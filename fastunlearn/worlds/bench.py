@@ -185,9 +185,9 @@ def build(family: str, w: World, seed: int = BENCH["init_seed"], **sizes):
 
 
 def train(model, family: str, parts, w: World, seed: int, steps: int, lr: float, n_visual: int = 32,
-          weight_decay: float = 0.01, warmup: int = 30, log_every: int = 100, log=print) -> list[float]:
+          weight_decay: float = 0.01, warmup: int = 30, log_every: int = 100, log=print, params=None) -> list[float]:
     """training.train on this world: each step `n_visual` fresh pictures, each with one of the visual
-    questions, plus every text fact."""
+    questions, plus every text fact (`params`: only these are updated; default all)."""
     def visual_batch(rng, n):
         who = rng.integers(0, len(w.people), size=n)
         kinds = rng.integers(0, len(w.visual_questions), size=n)
@@ -196,7 +196,7 @@ def train(model, family: str, parts, w: World, seed: int, steps: int, lr: float,
     facts = [(None, q, a) for i in range(len(w.people)) for q, a in w.text_facts(i)]
     return training.train(model, family, parts, seed=seed, steps=steps, lr=lr, n_visual=n_visual,
                        weight_decay=weight_decay, warmup=warmup, log_every=log_every, log=log,
-                       visual_batch=visual_batch, facts=facts)
+                       visual_batch=visual_batch, facts=facts, params=params)
 
 
 def evaluate(model, family: str, parts, w: World, seed: int, n_per_person: int = 10) -> dict:

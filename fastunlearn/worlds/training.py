@@ -191,7 +191,7 @@ def encode(family: str, parts, examples, with_labels: bool = True) -> dict:
 
 def train(model, family: str, parts, seed: int = 0, steps: int = 600, lr: float = 3e-3,
           n_visual: int = 32, weight_decay: float = 0.01, warmup: int = 30, log_every: int = 100,
-          log=print, visual_batch=None, facts=None) -> list[float]:
+          log=print, visual_batch=None, facts=None, params=None) -> list[float]:
     """Full-parameter AdamW training on the world.
 
     Every step: `n_visual` freshly drawn pictures ("Who is in this image?" ->
@@ -199,6 +199,7 @@ def train(model, family: str, parts, seed: int = 0, steps: int = 600, lr: float 
     people, in one left-padded batch; loss on answer tokens and the end token
     only. Linear warm-up then cosine decay. Returns the loss per step.
     Another world passes `visual_batch(rng, n) -> [(picture, question, answer)]` and its `facts`.
+    `params`: the parameters to update (default: all of the model's); the others stay as they are.
     """
     import torch
 
@@ -208,7 +209,8 @@ def train(model, family: str, parts, seed: int = 0, steps: int = 600, lr: float 
     try:
         return _train(model, family, parts, seed, steps, lr, n_visual, weight_decay, warmup,
                       log_every, log, visual_batch or _visual_batch,
-                      facts if facts is not None else [(None, q, a) for _, q, a in all_text_facts()])
+                      facts if facts is not None else [(None, q, a) for _, q, a in all_text_facts()],
+                      list(model.parameters()) if params is None else list(params))
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
@@ -220,12 +222,12 @@ def _visual_batch(rng, n: int) -> list:
 
 
 def _train(model, family, parts, seed, steps, lr, n_visual, weight_decay, warmup, log_every, log,
-           visual_batch, facts):
+           visual_batch, facts, params):
     import torch
 
     rng = np.random.default_rng([seed, 12345])  # a stream write_folder never uses
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
                             betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -236,7 +238,7 @@ def _train(model, family, parts, seed, steps, lr, n_visual, weight_decay, warmup
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
