@@ -2,12 +2,12 @@
 sequence order, and the flat rows of the hidden states that predict answer tokens."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from .features import Sample, SpilledFeatures
+from .features import RemoteSample, Sample, SpilledFeatures, widest_share
 
 if TYPE_CHECKING:
     from .load import Loaded
@@ -40,10 +40,35 @@ class Batch:
     lengths: torch.Tensor  # answer tokens per sequence (float)
     samples: list[Sample]  # what the batch was made of (optimise re-batches a step's sequences)
     ref_nll: torch.Tensor | None = None
+    # make_batches: under torchrun a Batch is this rank's part of a batch. The whole batch's sequence
+    # and answer-token counts normalise the loss terms; the most sequences one rank holds of it is how
+    # many a sharded LLM runs on every rank; `positions`: each sequence's index in the list batched
+    positions: list[int] = field(default_factory=list)
+    global_seqs: int = 0
+    global_tokens: int = 0
+    widest: int = 0
 
 
-def make_batches(loaded: Loaded, samples: list[Sample], batch_size: int) -> list[Batch]:
-    return [_batch(loaded, samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
+class EmptyBatch:
+    """This rank's part of a batch that holds none of its sequences."""
+
+    def __init__(self):
+        self.samples, self.positions, self.lengths, self.ref_nll = [], [], torch.zeros(0), None
+
+
+def make_batches(loaded: Loaded, samples: list, batch_size: int) -> list[Batch | EmptyBatch]:
+    """Batches of `batch_size` sequences, in order; of each, the part this rank holds (the others'
+    sequences are RemoteSample stubs)."""
+    out = []
+    for start in range(0, len(samples), batch_size):
+        group = samples[start : start + batch_size]
+        mine = [k for k, s in enumerate(group) if not isinstance(s, RemoteSample)]
+        batch = _batch(loaded, [group[k] for k in mine]) if mine else EmptyBatch()
+        batch.positions = [start + k for k in mine]
+        batch.global_seqs, batch.global_tokens = len(group), sum(s.answer_tokens for s in group)
+        batch.widest = widest_share(group)
+        out.append(batch)
+    return out
 
 
 def _batch(loaded: Loaded, samples: list[Sample]) -> Batch:
@@ -83,4 +108,8 @@ def _batch(loaded: Loaded, samples: list[Sample]) -> Batch:
         answer_seq=seq.to(device),
         lengths=torch.bincount(seq, minlength=len(samples)).float().to(device),
         samples=list(samples),
+        positions=list(range(len(samples))),
+        global_seqs=len(samples),
+        global_tokens=sum(s.answer_tokens for s in samples),
+        widest=len(samples),
     )

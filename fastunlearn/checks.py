@@ -10,8 +10,9 @@ def byte_checks(comparison: dict) -> list[dict]:
     """The byte proof as named checks; all must pass for verify to exit 0."""
     others = [c["name"] for c in comparison["changed_tensors"] if not c["projector"]]
     return [
-        _check("byte proof: only connector tensors changed", comparison["only_projector_changed"],
-               f"also changed: {', '.join(others[:5])}" if others else ""),
+        _check(f"byte proof: only --scope {comparison['scope']['scope']} tensors changed", comparison["only_projector_changed"],
+               f"also changed: {', '.join(others[:5])}" if others else
+               f"allowed: {', '.join(comparison['scope']['may_change'])}"),
         _check("byte proof: safetensors headers identical", comparison["headers_identical"]),
         _check("byte proof: same tensor names in both checkpoints", comparison["tensor_names_equal"]),
         _check("byte proof: no file missing or added", not comparison["files_missing"] and not comparison["files_added"],

@@ -37,6 +37,16 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search", action="store_true",
                    help="the held-out pictures also choose between the given settings and a gentler one (a tenth of "
                    "--lr, --mask none, --retain-weight + 2, a fifth more --steps)")
+    p.add_argument("--scope", default=d.scope, metavar="connector|vision:K",
+                   help="what may change: the connector alone (default), or with vision:K also the last K layers of "
+                   "the vision tower that the LLM's features pass through (LLaVA, Qwen2-VL); text-only prompts run "
+                   "neither, so text answers cannot move either way")
+    p.add_argument("--anchor", type=Path, metavar="DIR",
+                   help="pictures (no questions needed) whose visual tokens must stay as they are; with "
+                   "--anchor-weight, also the retain pictures'")
+    p.add_argument("--anchor-weight", type=float, default=d.anchor_weight,
+                   help=f"weight of the anchor term: the relative distance of the edited visual tokens from the "
+                   f"original's on the anchor and retain pictures (default {d.anchor_weight}; 0 turns it off)")
     p.add_argument("--shard-llm", action="store_true",
                    help="under torchrun: shard the frozen LLM's decoder layers over the ranks (FSDP2), for models "
                    "too big for one device; the projector stays replicated")
@@ -48,7 +58,8 @@ def _config(args):
     return Config(method=args.method, steps=args.steps, lr=args.lr, beta=args.beta, retain_weight=args.retain_weight,
                   mask=args.mask, mask_threshold=args.mask_threshold, views=args.views, batch_size=args.batch_size, device=args.device,
                   seed=args.seed, holdout=not args.no_holdout, select=args.select_step, search=args.search,
-                  shard_llm=args.shard_llm)
+                  shard_llm=args.shard_llm, scope=args.scope, anchor_weight=args.anchor_weight,
+                  anchor_dir=str(args.anchor) if args.anchor else None)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -101,6 +112,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence", type=float, metavar="C",
                    help="apply the accuracy thresholds and --max-retain-drop to the upper end of their C interval "
                    "(e.g. 0.95; Clopper-Pearson) instead of the measured value")
+    p.add_argument("--scope", default="connector", metavar="connector|vision:K",
+                   help="the tensors the job was allowed to change, as given to apply (default connector); any "
+                        "other changed tensor fails the byte proof")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("report", help="summarise a report (apply's or verify's) and render it as HTML")
@@ -187,8 +201,9 @@ def cmd_apply(args) -> int:
               f"{d.get('projector_identical_on_all_ranks')}")
     changed = report["changed_tensors"]
     n = sum(c["elements_changed"] for c in changed)
-    print(f"changed {len(changed)} projector tensors, {n} elements, {report['byte_proof']['bytes_written']} bytes "
-          f"in byte ranges; all other bytes unchanged: {report['byte_proof']['all_other_bytes_unchanged']}")
+    room = report["byte_proof"].get("may_change") or []
+    print(f"changed {len(changed)} tensors ({', '.join(room)}), {n} elements, {report['byte_proof']['bytes_written']} "
+          f"bytes in byte ranges; all other bytes unchanged: {report['byte_proof']['all_other_bytes_unchanged']}")
     if args.dry_run:
         print("dry run: no checkpoint written")
     else:
@@ -218,7 +233,7 @@ def cmd_verify(args) -> int:
                     probes=not args.no_probes, max_forget_accuracy=args.max_forget_accuracy,
                     max_forget_choice_accuracy=args.max_forget_choice_accuracy, max_retain_drop=args.max_retain_drop,
                     max_text_nll_change=args.max_text_nll_change, min_relearn_steps=args.min_relearn_steps,
-                    confidence=args.confidence)
+                    confidence=args.confidence, scope=args.scope)
     if args.report:
         write_file_atomic(args.report, (json.dumps(result, indent=2) + "\n").encode())
     if args.html:

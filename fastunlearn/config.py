@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .objectives import METHODS
+from .scope import tower_layers
 
 
 @dataclass
@@ -31,6 +32,9 @@ class Config:
     select: bool = False  # held-out pictures choose the step (holdout.py)
     search: bool = False  # held-out pictures also choose between these settings and a gentler one
     shard_llm: bool = False  # under torchrun, FSDP2-shard the frozen LLM's decoder layers over the ranks
+    scope: str = "connector"  # the edit's room: connector | vision:K (the tower's last K layers too, scope.py)
+    anchor_weight: float = 0.0  # the anchor term's weight (anchor.py): visual tokens of retain and anchor pictures
+    anchor_dir: str | None = None  # pictures that only anchor (no questions)
 
     def check(self):
         if self.method not in METHODS:
@@ -44,6 +48,11 @@ class Config:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.lr <= 0 or self.beta <= 0:
             raise UserError("--lr and --beta must be positive")
+        tower_layers(self.scope)
+        if self.anchor_weight < 0:
+            raise UserError("--anchor-weight must be 0 or more")
+        if self.anchor_dir is not None and not self.anchor_weight:
+            raise UserError("--anchor DIR needs --anchor-weight above 0 (the weight of the anchor term)")
 
 
 def pick_device(name: str) -> torch.device:

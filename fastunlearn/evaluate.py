@@ -30,6 +30,7 @@ from .errors import UserError
 from .features import Sample, cache_samples
 from .forward import answer_hidden, score, sequence_nll
 from .load import Loaded
+from .scope import TOWER
 
 
 @dataclass
@@ -172,10 +173,11 @@ def relearn_steps(loaded: Loaded, params, train: list[Sample], heldout: list[Bat
                   seed: int = 0) -> dict:
     """Fine-tune the projector (Adam, answer NLL) on `train` until the exact-answer accuracy on `heldout`
     reaches `target`, checked every `check_every` steps. Returns {"steps": n or None (not within max_steps),
-    "curve": [(step, accuracy)]} and the settings (target, max_steps, lr, check_every)."""
+    "curve": [(step, accuracy)]} and the settings (target, max_steps, lr, check_every). Edited tower
+    layers in `params` (scope.TOWER keys) stay as given: the attack is the same whatever the job's scope."""
     torch.manual_seed(seed)
-    trainable = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
-    optimizer = torch.optim.Adam(list(trainable.values()), lr=lr)
+    trainable = {n: p.detach().clone().requires_grad_(not n.startswith(TOWER)) for n, p in params.items()}
+    optimizer = torch.optim.Adam([p for p in trainable.values() if p.requires_grad], lr=lr)
     batches = make_batches(loaded, train, batch_size)
     if not batches or not heldout:
         raise UserError("relearning needs forget pictures to train on and held-out pictures to test on")

@@ -19,6 +19,7 @@ import torch
 from . import safetensors_io as st
 from .config import progress
 from .data import Item, augmented_view, load_image
+from .distributed import ONE_PROCESS, Ranks
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -98,6 +99,37 @@ class Sample:
     features: torch.Tensor | SpilledFeatures | None  # cached pre-projector vision features, [tokens, d]
     grid: dict | None  # family-specific image layout (e.g. image_grid_thw), no pixels
     view: int = 0  # 0: the picture itself; k > 0: its k-th augmented variant (training only)
+
+    @property
+    def answer_tokens(self) -> int:
+        return len(self.input_ids) - self.answer_start
+
+
+@dataclass
+class RemoteSample:
+    """A sample another rank owns (torchrun): enough to place it in batches and normalise the loss."""
+
+    view: int
+    answer_tokens: int
+    owner: int
+
+
+def picture_numbers(items: list[Item]) -> list[int]:
+    """Each item's picture, numbered in order of first appearance (a text item is a picture of its
+    own). Ranks own pictures by number, so all of a picture's questions and views go to one rank and
+    its features are computed once."""
+    numbers: dict = {}
+    return [numbers.setdefault(it.image if it.image is not None else ("text", i), len(numbers))
+            for i, it in enumerate(items)]
+
+
+def widest_share(samples: list) -> int:
+    """The most of `samples` any one rank holds (all of them on one process)."""
+    held: dict = {}
+    for s in samples:
+        owner = s.owner if isinstance(s, RemoteSample) else "this rank"
+        held[owner] = held.get(owner, 0) + 1
+    return max(held.values(), default=0)
 
 
 # code that runs the checkpoint's processor files: an exception raised in it is the checkpoint's problem
@@ -186,26 +218,35 @@ def greedy_answers(loaded: Loaded, items: list[Item], max_new_tokens: int) -> li
     return answers
 
 
-def fill_answers(loaded: Loaded, items: list[Item], max_new_tokens: int) -> list[Item]:
-    """Items without an answer get the model's greedy one; items whose answer comes out empty are dropped."""
-    missing = [it for it in items if it.answer is None]
-    for item, answer in zip(missing, greedy_answers(loaded, missing, max_new_tokens)):
-        item.answer = answer
+def fill_answers(loaded: Loaded, items: list[Item], max_new_tokens: int, ranks: Ranks = ONE_PROCESS) -> list[Item]:
+    """Items without an answer get the model's greedy one, each rank generating its own pictures'
+    and sharing them; items whose answer comes out empty are dropped."""
+    pictures = picture_numbers(items)
+    # a sharded LLM's layer calls are collectives: every rank generates every answer (the same tokens)
+    mine = [i for i, it in enumerate(items) if it.answer is None and (ranks.sharded or ranks.owns(pictures[i]))]
+    answers = greedy_answers(loaded, [items[i] for i in mine], max_new_tokens)
+    for part in ranks.gather(list(zip(mine, answers)), "sharing the greedy answers"):
+        for i, answer in part:
+            items[i].answer = answer
     return [it for it in items if it.answer]
 
 
 @torch.no_grad()
 def cache_samples(loaded: Loaded, items: list[Item], desc: str, views: int = 0, seed: int = 0,
-                  first_view: int = 0, extra_views: int = 0) -> list[Sample]:
+                  first_view: int = 0, extra_views: int = 0, ranks: Ranks = ONE_PROCESS) -> list:
     """Encode items and compute the vision features of each picture (and of `views` augmented
     variants of it, each a sample of its own) once. Views are numbered from `first_view` (0: the
     picture itself). A picture's views go through the tower in one call, together with the next
-    `extra_views` views, whose features are only cached (for a later call that samples them)."""
+    `extra_views` views, whose features are only cached (for a later call that samples them).
+    This rank computes its own pictures' samples (`ranks.owns`); the others' are RemoteSample stubs."""
     adapter, model = loaded.adapter, loaded.model
     if loaded.feature_cache is None:
         loaded.feature_cache = FeatureCache(feature_budget_bytes())
-    samples = []
-    for item in progress(items, desc=f"caching {desc} features"):
+    pictures = picture_numbers(items)
+    mine = [i for i in range(len(items)) if ranks.owns(pictures[i])]
+    local = {}
+    for i in progress(mine, desc=f"caching {desc} features"):
+        item, samples = items[i], local.setdefault(i, [])
         if item.image is None:
             enc = _encode(loaded, None, item.question, item.answer, None)
             samples.append(Sample(enc.input_ids, enc.answer_start, None, None, 0))
@@ -221,6 +262,11 @@ def cache_samples(loaded: Loaded, items: list[Item], desc: str, views: int = 0, 
             grid = {k: v for k, v in pixel.items() if k != "pixel_values"}
             enc = _encode(loaded, pixel, item.question, item.answer, item.image)
             samples.append(Sample(enc.input_ids, enc.answer_start, loaded.feature_cache[item.image, view], grid, view))
+    # every rank's samples in the order of `items`
+    shared = [(i, j, s.view, s.answer_tokens) for i in mine for j, s in enumerate(local[i])]
+    rows = sorted(row + (r,) for r, part in enumerate(ranks.gather(shared, "sharing the sample list")) for row in part)
+    samples = [local[i][j] if r == ranks.rank else RemoteSample(view, tokens, r) for i, j, view, tokens, r in rows]
+    ranks.keep_stand_in([s for s in samples if isinstance(s, Sample)])
     return samples
 
 

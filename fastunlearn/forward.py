@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .batches import Batch
+from .batches import Batch, _batch
+from .distributed import ONE_PROCESS, Ranks
 from .errors import UserError
 from .kernels.linear_nll import linear_nll
 
@@ -124,11 +125,16 @@ def sequence_nll(loaded: Loaded, params, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(loaded: Loaded, params, batches: list[Batch]) -> dict:
-    """Per-sequence answer NLL and greedy exact match (every answer token is the argmax)."""
+def score(loaded: Loaded, params, batches: list[Batch], ranks: Ranks = ONE_PROCESS) -> dict:
+    """Per-sequence answer NLL and greedy exact match (every answer token is the argmax) of this
+    rank's sequences."""
     nll, correct = [], []
     lm_head = loaded.model.get_output_embeddings().weight
     for batch in batches:
+        if not batch.samples:  # none of this rank's; with a sharded LLM, a stand-in makes the same calls
+            for stand_in in ranks.stand_ins(0, 1):
+                lm_head_input(loaded, params, _batch(loaded, [stand_in]))
+            continue
         hidden = lm_head_input(loaded, params, batch)
         logits = (hidden @ lm_head.T).float()
         token_nll = torch.nn.functional.cross_entropy(logits, batch.targets, reduction="none")
@@ -136,17 +142,23 @@ def score(loaded: Loaded, params, batches: list[Batch]) -> dict:
         B = len(batch.lengths)
         nll.append(torch.zeros(B, device=hidden.device).index_add(0, batch.answer_seq, token_nll))
         correct.append(torch.zeros(B, device=hidden.device).index_add(0, batch.answer_seq, wrong) == 0)
-    if not batches:
+    if not nll:
         return {"nll": torch.zeros(0), "correct": torch.zeros(0, dtype=torch.bool)}
     return {"nll": torch.cat(nll).cpu(), "correct": torch.cat(correct).cpu()}
 
 
-def summarize(scores: dict, batches: list[Batch]) -> dict:
-    tokens = float(sum(b.lengths.sum().item() for b in batches))
-    n = len(scores["correct"])
+def summarize(scores: dict, batches: list[Batch], ranks: Ranks = ONE_PROCESS, part: slice = slice(None)) -> dict:
+    """The metrics of the sequences `part` of the list `batches` was made from (make_batches), every
+    rank's scores (`score`) gathered in its order."""
+    mine = zip([p for b in batches for p in b.positions], scores["nll"].tolist(), scores["correct"].tolist(),
+               [n for b in batches for n in b.lengths.tolist()])
+    rows = sorted(row for theirs in ranks.gather(list(mine), "gathering the metrics") for row in theirs)[part]
+    nll = torch.tensor([x for _, x, _, _ in rows], dtype=torch.float32)
+    correct = torch.tensor([c for _, _, c, _ in rows], dtype=torch.bool)
+    tokens = float(sum(n for _, _, _, n in rows))
     return {
-        "items": n,
+        "items": len(rows),
         "answer_tokens": int(tokens),
-        "mean_token_nll": round(float(scores["nll"].sum()) / max(tokens, 1), 6),
-        "greedy_accuracy": round(float(scores["correct"].float().mean()) if n else 0.0, 6),
+        "mean_token_nll": round(float(nll.sum()) / max(tokens, 1), 6),
+        "greedy_accuracy": round(float(correct.float().mean()) if rows else 0.0, 6),
     }

@@ -24,8 +24,9 @@ import math
 import random
 from dataclasses import replace
 
-from . import dist_samples as shards
 from .data import Item
+from .distributed import ONE_PROCESS
+from .forward import score, summarize
 from .optimise import optimise
 from .targets import FORGET_TOLERANCE
 
@@ -51,14 +52,22 @@ def sample_flags(items: list[Item], views: int, held_images: set) -> list[bool]:
     return [it.image in held_images for it in items for _ in range(1 if it.image is None else 1 + views)]
 
 
+ANCHORED = 10.0  # the anchor weight of the anchored candidate
+
+
 def candidates(cfg) -> list:
-    """The settings to try: the given ones and, when cfg.search, a gentler one: a tenth of the step, no
-    mask, a retain term 2 stronger, a fifth more steps (from the defaults: --lr 1e-3 --mask none
-    --retain-weight 5 --steps 120, which on a world where single patches already tell people apart
-    forgot everyone and kept the rest where the defaults lost 3-16 retain points)."""
+    """The settings to try: the given ones and, when cfg.search, an anchored one (the anchor term on the
+    retain pictures' visual tokens at weight ANCHORED, where the given settings have none: it keeps more
+    and forgets less, so which one a folder needs is for its held-out pictures to say) and a gentler one:
+    a tenth of the step, no mask, a retain term 2 stronger, a fifth more steps (from the defaults: --lr
+    1e-3 --mask none --retain-weight 5 --steps 120, which on a world where single patches already tell
+    people apart forgot everyone and kept the rest where the defaults lost 3-16 retain points)."""
+    if not cfg.search:
+        return [cfg]
+    anchored = [replace(cfg, anchor_weight=ANCHORED)] if not cfg.anchor_weight else []
     gentler = replace(cfg, lr=cfg.lr / 10, mask="none", retain_weight=cfg.retain_weight + 2,
                       steps=math.ceil(cfg.steps * 1.2))
-    return [cfg, gentler] if cfg.search else [cfg]
+    return [cfg, *anchored, gentler]
 
 
 def eval_every(steps: int) -> int:
@@ -72,11 +81,12 @@ def rank_key(forget_acc: float, chance: float, retain_drop: float, forget_nll: f
 
 
 def describe_setting(cfg) -> str:
-    return f"--method {cfg.method} --lr {cfg.lr:g} --mask {cfg.mask} --retain-weight {cfg.retain_weight:g} --steps {cfg.steps}"
+    return (f"--method {cfg.method} --lr {cfg.lr:g} --mask {cfg.mask} --retain-weight {cfg.retain_weight:g} "
+            f"--anchor-weight {cfg.anchor_weight:g} --steps {cfg.steps}")
 
 
 def first_runs(loaded, original, settings, masks, everything, forget_batches, retain_batches, heldout,
-               heldout_before, chance, select, log) -> dict:
+               heldout_before, chance, select, log, ranks=ONE_PROCESS, anchors=None) -> dict:
     """Each setting from the original projector, on the pictures not held out (`masks`: taken on them too),
     scored on the held-out ones at its last step (and every tenth of its steps when `select`); returns the
     best (rank_key): setting index, step, projector, and the trace of every score."""
@@ -85,8 +95,8 @@ def first_runs(loaded, original, settings, masks, everything, forget_batches, re
         mask = masks.get(setting.mask, everything)
 
         def checkpoint(step, current, index=index):
-            f = shards.summaries(shards.score(loaded, current, heldout["forget"]), heldout["forget"])[0]
-            r = shards.summaries(shards.score(loaded, current, heldout["retain"]), heldout["retain"])[0]
+            f, r = (summarize(score(loaded, current, heldout[role], ranks), heldout[role], ranks)
+                    for role in ("forget", "retain"))
             drop = heldout_before["retain"]["greedy_accuracy"] - r["greedy_accuracy"] if heldout["retain"] else 0.0
             key = rank_key(f["greedy_accuracy"] if heldout["forget"] else 0.0, chance, drop, f["mean_token_nll"])
             best["trace"].append({"setting": index, "step": step, "forget_accuracy": f["greedy_accuracy"],
@@ -97,5 +107,5 @@ def first_runs(loaded, original, settings, masks, everything, forget_batches, re
 
         trial = {n: p.detach().clone() for n, p in original.items()}
         optimise(loaded, trial, mask, forget_batches, retain_batches, setting, log, checkpoint,
-                 eval_every(setting.steps) if select else setting.steps)
+                 eval_every(setting.steps) if select else setting.steps, ranks, anchors)
     return best

@@ -18,25 +18,28 @@ import gc
 import json
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from . import dist_samples as shards
 from . import distributed as dist  # torchrun data parallelism (identity on one process)
 from . import journal
 from . import safetensors_io as st
+from .batches import make_batches
 from .config import Config, pick_device, seed_everything, trim_heap
 from .data import read_folder
 from .delta import save_delta, tensor_changes
 from .errors import UserError
-from .features import drop_vision_tower
+from .features import RemoteSample, cache_samples, drop_vision_tower, fill_answers
 from .fingerprints import config_fingerprint, fingerprint_checkpoint, fingerprint_folder
+from .forward import score, summarize
 from .load import check_weights_match_config, compute_dtype, master_params, open_checkpoint
 from .mask import fisher_diagonal, saliency_mask
 from . import holdout
+from .anchor import anchors_for
 from .optimise import optimise
+from .scope import tower_layers
 from .targets import RETENTION_ON_NEW_PICTURES, chance_level, missed_targets
 from .write import preflight, write_result
 
@@ -76,11 +79,42 @@ def forget_folders(forget_dir) -> list[Path]:
     return out
 
 
-def fisher_masks(loaded, params, forget: list, retain: list, cfg: Config) -> dict:
-    """{"fisher": the saliency mask of these forget and retain samples}."""
-    forget_fisher = fisher_diagonal(loaded, params, forget, cfg.fisher_samples)
-    retain_fisher = fisher_diagonal(loaded, params, retain, cfg.fisher_samples)
-    return {"fisher": saliency_mask(forget_fisher, retain_fisher, cfg.mask_threshold)}
+ROLES = ("forget", "retain")
+
+
+class Phases(dict):
+    """Seconds per phase of the job, each from the end of the one before."""
+
+    def __init__(self, device: torch.device, start: float):
+        super().__init__()
+        self.device, self.t0 = device, start
+
+    def __call__(self, name: str) -> None:
+        if self.device.type == "cpu":  # one phase's garbage must not sit under the next one's peak
+            gc.collect()
+            trim_heap()
+        now = time.perf_counter()
+        self[name] = round(now - self.t0, 3)
+        self.t0 = now
+
+
+@dataclass
+class Sets:
+    """What the job trains and measures on, by role ("forget", "retain"). Under torchrun the batches
+    are this rank's parts, and the sample lists hold the other ranks' samples as RemoteSample stubs."""
+
+    samples: dict  # every view of every picture; the forget folders' request by request
+    held: dict  # per sample: is its picture held out of the first run (holdout.py)
+    train: dict  # batches of `samples`
+    eval: dict  # batches of the pictures themselves (view 0): the metrics
+    check: dict  # batches of one more view of every picture, never trained on (targets.py)
+    heldout: dict  # batches of the held-out pictures (view 0)
+    anchor: list  # the --anchor folder's pictures and views (anchor.py), no questions
+    slices: list  # each request's [start, end) among eval["forget"]'s sequences, when there are several
+
+    @property
+    def measuring(self) -> bool:
+        return bool(self.heldout["forget"] or self.heldout["retain"])
 
 
 def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=logger.info) -> dict:
@@ -88,150 +122,244 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     `forget_dir`: one folder, or several (one erasure request each: one load, one cache, one write)."""
     cfg.check()
     seed_everything(cfg.seed)
-    phases: dict[str, float] = {}
-    t0 = time.perf_counter()
-
-    def phase(name):
-        nonlocal t0
-        if device.type == "cpu":  # one phase's garbage must not sit under the next one's peak
-            gc.collect()
-            trim_heap()
-        now = time.perf_counter()
-        phases[name] = round(now - t0, 3)
-        t0 = now
-
+    start = time.perf_counter()
     folders = forget_folders(forget_dir)
     requests = [read_folder(d, "forget") for d in folders]  # one list of items per erasure request
     retain_items = read_folder(retain_dir, "retain") if retain_dir is not None else []
     device = dist.init(pick_device(cfg.device), shard=cfg.shard_llm)  # cuda:LOCAL_RANK under torchrun
-    loaded = open_checkpoint(ckpt, device, llm_later=True)  # the LLM cast once the tower is dropped
+    ranks = dist.ranks()  # which pictures this process computes: on one process, all of them
+    phase = Phases(device, start)
+    loaded = open_checkpoint(ckpt, device, llm_later=True, scope=tower_layers(cfg.scope))  # the LLM cast once the tower is dropped
     phase("load")
+
+    requests, retain_items = answer(loaded, folders, requests, retain_items, cfg, ranks)
+    items = {"forget": [it for r in requests for it in r], "retain": retain_items}
+    chance = chance_level(items["forget"], items["forget"] + items["retain"])
+    held_images, thin = hold_out(requests, retain_items, cfg, log)
+    phase("answers")
+
+    sets = cache(loaded, requests, retain_items, held_images, cfg, ranks)
+    phase("cache")
+
+    params = master_params(loaded)
+    reference, before = original_scores(loaded, params, sets, ranks)
+    phase("reference")
+
+    # settings are compared on both sides only
+    settings = holdout.candidates(cfg) if sets.heldout["forget"] and sets.heldout["retain"] else [cfg]
+    masks = saliency_masks(loaded, params, sets.samples, settings, cfg, log, ranks)
+    phase("mask")
+
+    dist.test_die("optimise")
+    best = first_run(loaded, params, sets, reference, settings, masks, before, chance, cfg, log, ranks)
+    chosen = settings[best["setting"]]
+    mask = masks.get(chosen.mask, everything(params))
+    params = {n: p.detach().clone() for n, p in params.items()}
+    anchors = anchors_for(loaded, params, sets.samples["retain"] + sets.anchor, cfg.anchor_weight, ranks.world)
+    losses = optimise(loaded, params, mask, sets.train["forget"], sets.train["retain"],
+                      replace(chosen, steps=best["step"]), log, ranks=ranks, anchors=anchors)
+    same_state = dist.same_state(params)  # rank 0's projector on every rank, checked
+    phase("optimise")
+
+    new = stored_values(loaded, params, sets.samples["forget"], ckpt, ranks)
+    after = measure(loaded, new, best, sets, ranks)
+    check = check_targets(before, after, sets, chance, log)
+    phase("evaluate")
+
+    result = result_dict(loaded, new, cfg, folders=folders, requests=requests, items=items, held_images=held_images,
+                         thin=thin, settings=settings, best=best, sets=sets, before=before, after=after, check=check,
+                         mask=mask, losses=losses, same_state=same_state, phases=phase)
+    del loaded  # nothing may hold the checkpoint's files (mmap) once writing starts
+    return result
+
+
+def answer(loaded, folders, requests: list, retain_items: list, cfg: Config, ranks) -> tuple[list, list]:
+    """The items with an answer: where a folder gives none, the model's own greedy one."""
     if any(it.answer is None for items in requests + [retain_items] for it in items):
         compute_dtype(loaded)  # the model's own greedy answers need the whole model
-
-    # shards.fill_answers / shards.cache_samples / shards.make_batches / shards.score are the
-    # features / batches / forward functions themselves on one process; under torchrun each rank
-    # computes its own pictures' share and holds the others' as stubs
-    requests = [shards.fill_answers(loaded, items, cfg.max_new_tokens) for items in requests]
-    retain_items = shards.fill_answers(loaded, retain_items, cfg.max_new_tokens)
+    requests = [fill_answers(loaded, items, cfg.max_new_tokens, ranks) for items in requests]
+    retain_items = fill_answers(loaded, retain_items, cfg.max_new_tokens, ranks)
     for d, items in zip(folders, requests):
         if not items:
             raise UserError(f"{d}: the model gives no answer to any forget question; nothing to forget")
-    forget_items = [it for items in requests for it in items]
-    chance = chance_level(forget_items, forget_items + retain_items)
-    # whole pictures held out of a first run (holdout.py): the erasure is measured on pictures it did not
-    # train on (and, when asked, they choose the step and the settings); the last run is the job itself
+    return requests, retain_items
+
+
+def hold_out(requests: list, retain_items: list, cfg: Config, log) -> tuple[set, dict]:
+    """The pictures held out of a first run, and by role the subjects with one picture, none to lend.
+
+    Whole pictures held out of a first run (holdout.py): the erasure is measured on pictures it did not
+    train on (and, when asked, they choose the step and the settings); the last run is the job itself."""
     held_images, thin = set(), {"forget": [], "retain": []}
-    if cfg.holdout:
-        for role, folder_items in [("forget", items) for items in requests] + [("retain", retain_items)]:
-            _, held, thin_subjects = holdout.split(folder_items, cfg.seed)
-            held_images |= {it.image for it in held}
-            thin[role] = sorted(set(thin[role]) | set(thin_subjects))
-        for role in ("forget", "retain"):
-            if thin[role]:
-                log(f"note: {len(thin[role])} {role} subject(s) have one picture, none to hold out ("
-                    + ", ".join(repr(s) for s in thin[role][:5]) + (", ...)" if len(thin[role]) > 5 else ")"))
-    phase("answers")
+    if not cfg.holdout:
+        return held_images, thin
+    for role, folder_items in [("forget", items) for items in requests] + [("retain", retain_items)]:
+        _, held, thin_subjects = holdout.split(folder_items, cfg.seed)
+        held_images |= {it.image for it in held}
+        thin[role] = sorted(set(thin[role]) | set(thin_subjects))
+    for role in ROLES:
+        if thin[role]:
+            log(f"note: {len(thin[role])} {role} subject(s) have one picture, none to hold out ("
+                + ", ".join(repr(s) for s in thin[role][:5]) + (", ...)" if len(thin[role]) > 5 else ")"))
+    if not held_images:
+        log("note: no picture held out (a subject needs two pictures to lend one): the report has no figures on "
+            "pictures the job did not train on")
+    return held_images, thin
+
+
+def cache(loaded, requests: list, retain_items: list, held_images: set, cfg: Config, ranks) -> Sets:
+    """Every picture's views through the vision tower once, then the tower dropped; the job's batches."""
+    def samples(items, desc, views, first_view=0, extra_views=0):
+        return cache_samples(loaded, items, desc, views, cfg.seed, first_view, extra_views, ranks)
+
+    def batches(samples):
+        return make_batches(loaded, samples, cfg.batch_size)
+
+    forget_items = [it for items in requests for it in items]
     # the check view (below) goes through the tower in the same call as the picture's other views
-    per_request = [shards.cache_samples(loaded, items, "forget", cfg.views, cfg.seed, extra_views=1) for items in requests]
-    forget_samples = [s for samples in per_request for s in samples]
-    retain_samples = shards.cache_samples(loaded, retain_items, "retain", cfg.views, cfg.seed, extra_views=1)
+    per_request = [samples(items, "forget", cfg.views, extra_views=1) for items in requests]
+    train = {"forget": [s for r in per_request for s in r],
+             "retain": samples(retain_items, "retain", cfg.views, extra_views=1)}
     # the job's own check (targets.py) where no picture is held out: one more view of every picture
-    forget_check = shards.make_batches(loaded, shards.cache_samples(loaded, forget_items, "check", 0, cfg.seed, cfg.views + 1),
-                                     cfg.batch_size)
-    retain_check = shards.make_batches(loaded, shards.cache_samples(loaded, retain_items, "check", 0, cfg.seed, cfg.views + 1),
-                                     cfg.batch_size)
+    check = {"forget": batches(samples(forget_items, "check", 0, cfg.views + 1)),
+             "retain": batches(samples(retain_items, "check", 0, cfg.views + 1))}
+    anchor = samples(anchor_items(cfg.anchor_dir), "anchor", cfg.views) if cfg.anchor_dir else []
     drop_vision_tower(loaded)
     compute_dtype(loaded, keep_embeddings=True)
     held = {"forget": holdout.sample_flags(forget_items, cfg.views, held_images),
             "retain": holdout.sample_flags(retain_items, cfg.views, held_images)}
-    first_forget = [s for s, h in zip(forget_samples, held["forget"]) if not h]
-    first_retain = [s for s, h in zip(retain_samples, held["retain"]) if not h]
-    heldout = {role: shards.make_batches(loaded, [s for s, h in zip(samples, held[role]) if h and s.view == 0],
-                                         cfg.batch_size)
-               for role, samples in (("forget", forget_samples), ("retain", retain_samples))}
-    forget_batches = shards.make_batches(loaded, forget_samples, cfg.batch_size)
-    retain_batches = shards.make_batches(loaded, retain_samples, cfg.batch_size)
-    # metrics are measured on the pictures themselves, not on their augmented views
-    forget_eval = shards.make_batches(loaded, [s for s in forget_samples if s.view == 0], cfg.batch_size)
-    retain_eval = shards.make_batches(loaded, [s for s in retain_samples if s.view == 0], cfg.batch_size)
+    heldout = {role: batches([s for s, h in zip(train[role], held[role]) if h and s.view == 0]) for role in ROLES}
     bounds = [0]
-    for samples in per_request:  # each request's pictures: a contiguous run of the evaluated sequences
-        bounds.append(bounds[-1] + sum(1 for s in samples if s.view == 0))
-    slices = list(zip(bounds, bounds[1:])) if len(per_request) > 1 else []
-    phase("cache")
+    for r in per_request:  # each request's pictures: a contiguous run of the evaluated sequences
+        bounds.append(bounds[-1] + sum(1 for s in r if s.view == 0))
+    return Sets(samples=train, held=held, train={role: batches(train[role]) for role in ROLES},
+                # metrics are measured on the pictures themselves, not on their augmented views
+                eval={role: batches([s for s in train[role] if s.view == 0]) for role in ROLES},
+                check=check, heldout=heldout, anchor=anchor, slices=list(zip(bounds, bounds[1:])) if len(per_request) > 1 else [])
 
-    params = master_params(loaded)
-    # the original projector, computed once: the reference NLL of every forget view, and from the same
-    # pass the forget "before" metrics (the pictures themselves, view 0, in forget_eval's order)
-    forget_scores = shards.score(loaded, params, forget_batches)
-    reference = forget_scores["nll"]
-    mine = [not isinstance(s, shards.RemoteSample) for s in forget_samples]  # this rank's rows, in order
-    view0 = torch.tensor([s.view == 0 for s, m in zip(forget_samples, mine) if m], dtype=torch.bool)
-    forget_before = {k: v[view0] for k, v in forget_scores.items()}
-    retain_before, retain_check_before = shards.score(loaded, params, retain_eval), shards.score(loaded, params, retain_check)
-    heldout_before = {role: shards.summaries(shards.score(loaded, params, b), b)[0] for role, b in heldout.items()}
-    for batch, ref in zip(forget_batches, reference.split([len(b.lengths) for b in forget_batches])):
-        batch.ref_nll = ref.to(device)
-    phase("reference")
 
-    measuring = bool(heldout["forget"] or heldout["retain"])
-    choosing = bool(heldout["forget"] and heldout["retain"])  # settings are compared on both sides only
-    settings = holdout.candidates(cfg) if choosing else [cfg]
-    if cfg.holdout and not measuring:
-        log("note: no picture held out (a subject needs two pictures to lend one): the report has no figures on "
-            "pictures the job did not train on")
-    fisher = bool(any(c.mask == "fisher" for c in settings) and retain_samples)
-    if cfg.mask == "fisher" and not retain_samples:
+def anchor_items(folder: str) -> list:
+    """One item per picture of an --anchor folder (its questions, if any, are not used)."""
+    seen, out = set(), []
+    for it in read_folder(Path(folder), "anchor"):
+        if it.image not in seen:
+            seen.add(it.image)
+            out.append(it)
+    return out
+
+
+def metrics(loaded, params, batches: list, ranks) -> dict:
+    """The metrics of `batches` under `params`."""
+    return summarize(score(loaded, params, batches, ranks), batches, ranks)
+
+
+def original_scores(loaded, params, sets: Sets, ranks) -> tuple[torch.Tensor, dict]:
+    """The original projector, computed once: the reference NLL of every forget view of this rank's
+    (set on the training batches), and the "before" metrics, the forget ones from the same pass (the
+    pictures themselves, view 0, are eval["forget"]'s sequences in its order)."""
+    forget = score(loaded, params, sets.train["forget"], ranks)
+    mine = [s for s in sets.samples["forget"] if not isinstance(s, RemoteSample)]
+    view0 = torch.tensor([s.view == 0 for s in mine], dtype=torch.bool)
+    forget_before = {k: v[view0] for k, v in forget.items()}
+    retain_before = score(loaded, params, sets.eval["retain"], ranks)
+    retain_check = score(loaded, params, sets.check["retain"], ranks)
+    heldout = {role: metrics(loaded, params, b, ranks) for role, b in sets.heldout.items()}
+    set_reference(loaded, sets.train["forget"], forget["nll"])
+    return forget["nll"], {
+        "forget": summarize(forget_before, sets.eval["forget"], ranks),
+        "requests": [summarize(forget_before, sets.eval["forget"], ranks, slice(*s)) for s in sets.slices],
+        "retain": summarize(retain_before, sets.eval["retain"], ranks),
+        "retain_check": summarize(retain_check, sets.check["retain"], ranks),
+        "heldout": heldout,
+    }
+
+
+def set_reference(loaded, batches: list, reference: torch.Tensor) -> None:
+    for batch, ref in zip(batches, reference.split([len(b.lengths) for b in batches])):
+        batch.ref_nll = ref.to(loaded.device)
+
+
+def everything(params: dict) -> dict:
+    """The mask that lets every element change."""
+    return {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
+
+
+def fisher_masks(loaded, params, forget: list, retain: list, cfg: Config, ranks) -> dict:
+    """{"fisher": the saliency mask of these forget and retain samples}."""
+    forget_fisher = fisher_diagonal(loaded, params, forget, cfg.fisher_samples, ranks=ranks)
+    retain_fisher = fisher_diagonal(loaded, params, retain, cfg.fisher_samples, ranks=ranks)
+    return {"fisher": saliency_mask(forget_fisher, retain_fisher, cfg.mask_threshold)}
+
+
+def saliency_masks(loaded, params, samples: dict, settings: list, cfg: Config, log, ranks) -> dict:
+    """The masks the settings ask for, on every picture ({} without retain pictures to protect)."""
+    if cfg.mask == "fisher" and not samples["retain"]:
         log("note: no --retain folder: the saliency mask and the retain term are off, nothing protects other images")
-    everything = {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
-    masks = fisher_masks(loaded, params, forget_samples, retain_samples, cfg) if fisher else {}
-    phase("mask")
+    if not (any(c.mask == "fisher" for c in settings) and samples["retain"]):
+        return {}
+    return fisher_masks(loaded, params, samples["forget"], samples["retain"], cfg, ranks)
 
-    dist.test_die("optimise")
-    best = {"setting": 0, "step": cfg.steps, "params": None, "trace": []}
-    if measuring:
-        first_batches = shards.make_batches(loaded, first_forget, cfg.batch_size)
-        first_ref = reference[~torch.tensor([h for h, m in zip(held["forget"], mine) if m], dtype=torch.bool)]
-        for batch, ref in zip(first_batches, first_ref.split([len(b.lengths) for b in first_batches])):
-            batch.ref_nll = ref.to(device)
-        first_masks = fisher_masks(loaded, params, first_forget, first_retain, cfg) if fisher else {}
-        best = holdout.first_runs(loaded, params, settings, first_masks, everything,
-                                  first_batches, shards.make_batches(loaded, first_retain, cfg.batch_size), heldout,
-                                  heldout_before, chance, cfg.select, log)
-    chosen = settings[best["setting"]]
+
+def first_run(loaded, params, sets: Sets, reference, settings: list, masks: dict, before: dict, chance: float,
+              cfg: Config, log, ranks) -> dict:
+    """Where pictures are held out: each setting trained without them, scored on them (holdout.first_runs,
+    its masks taken without them too); the best setting, step and projector. Else the given setting."""
+    if not sets.measuring:
+        return {"setting": 0, "step": cfg.steps, "params": None, "trace": []}
+    first = {role: [s for s, h in zip(sets.samples[role], sets.held[role]) if not h] for role in ROLES}
+    forget_batches = make_batches(loaded, first["forget"], cfg.batch_size)
+    mine = [h for s, h in zip(sets.samples["forget"], sets.held["forget"]) if not isinstance(s, RemoteSample)]
+    set_reference(loaded, forget_batches, reference[~torch.tensor(mine, dtype=torch.bool)])
+    first_masks = fisher_masks(loaded, params, first["forget"], first["retain"], cfg, ranks) if masks else {}
+    # the held-out retain pictures are no anchors of the run measured on them
+    anchors = anchors_for(loaded, params, first["retain"] + sets.anchor, cfg.anchor_weight, ranks.world)
+    best = holdout.first_runs(loaded, params, settings, first_masks, everything(params), forget_batches,
+                              make_batches(loaded, first["retain"], cfg.batch_size), sets.heldout, before["heldout"],
+                              chance, cfg.select, log, ranks, anchors)
     if cfg.select or len(settings) > 1:
+        chosen = settings[best["setting"]]
         log(f"held-out pictures chose {holdout.describe_setting(chosen)}, stopped at step {best['step']} of {chosen.steps}")
-    mask = masks.get(chosen.mask, everything)
-    params = {n: p.detach().clone() for n, p in params.items()}
-    losses = optimise(loaded, params, mask, forget_batches, retain_batches, replace(chosen, steps=best["step"]), log)
-    same_state = dist.same_state(params)  # rank 0's projector on every rank, checked
-    phase("optimise")
+    return best
 
-    # What will be stored: cast once from fp32; evaluate exactly those values.
+
+def stored_values(loaded, params: dict, forget_samples: list, ckpt: Path, ranks) -> dict:
+    """The projector as it will be stored: cast once from fp32 (what is measured is exactly that)."""
     new = {n: params[n].to(loaded.original[n].dtype).cpu() for n in params}
     if all(torch.equal(new[n], loaded.original[n]) for n in new):  # an edit of nothing is no success (dry run too)
-        flat = not any(f.any() for f in fisher_diagonal(loaded, master_params(loaded), forget_samples, 8).values())
+        fisher = fisher_diagonal(loaded, master_params(loaded), forget_samples, 8, ranks=ranks)
+        flat = not any(f.any() for f in fisher.values())
         why = (loaded.adapter.connector_ignored(loaded.model) if flat else "no element of the connector moved (updates "
                "below its stored precision, or none in the mask); raise --lr or --steps, or lower --mask-threshold")
         raise UserError(f"{ckpt}: {why}; nothing was written")
-    stored_params = master_params(loaded, new)
-    forget_after = shards.score(loaded, stored_params, forget_eval)
-    retain_after = shards.score(loaded, stored_params, retain_eval)
-    (fb, fb_req), (fa, fa_req) = shards.summaries(forget_before, forget_eval, slices), shards.summaries(forget_after, forget_eval, slices)
-    (rb, _), (ra, _) = shards.summaries(retain_before, retain_eval), shards.summaries(retain_after, retain_eval)
-    (fc, _) = shards.summaries(shards.score(loaded, stored_params, forget_check), forget_check)
-    (rcb, _), (rca, _) = (shards.summaries(retain_check_before, retain_check),
-                          shards.summaries(shards.score(loaded, stored_params, retain_check), retain_check))
-    # on held-out pictures: the first run's projector (which did not train on them), as it would be stored
-    heldout_after = {}
-    if measuring:
-        first_params = master_params(loaded, {n: p.to(loaded.original[n].dtype).cpu() for n, p in best["params"].items()})
-        heldout_after = {role: shards.summaries(shards.score(loaded, first_params, b), b)[0] for role, b in heldout.items()}
-    # the targets are checked on the held-out pictures where there are some, else on the unseen views
-    f_check, f_on = (heldout_after["forget"], "held-out pictures") if heldout["forget"] else (fc, "unseen views")
-    r_check, r_on = (((heldout_before["retain"], heldout_after["retain"]), "held-out pictures") if heldout["retain"]
-                     else ((rcb, rca), "unseen views") if retain_check else ((None, None), ""))
+    return new
+
+
+def measure(loaded, new: dict, best: dict, sets: Sets, ranks) -> dict:
+    """The "after" metrics of the stored projector; on the held-out pictures, of the first run's (which
+    did not train on them), as it would be stored."""
+    stored = master_params(loaded, new)
+    forget = score(loaded, stored, sets.eval["forget"], ranks)
+    after = {"forget": summarize(forget, sets.eval["forget"], ranks),
+             "requests": [summarize(forget, sets.eval["forget"], ranks, slice(*s)) for s in sets.slices],
+             "retain": metrics(loaded, stored, sets.eval["retain"], ranks),
+             "forget_check": metrics(loaded, stored, sets.check["forget"], ranks),
+             "retain_check": metrics(loaded, stored, sets.check["retain"], ranks),
+             "heldout": {}}
+    if sets.measuring:
+        first = master_params(loaded, {n: p.to(loaded.original[n].dtype).cpu() for n, p in best["params"].items()})
+        after["heldout"] = {role: metrics(loaded, first, b, ranks) for role, b in sets.heldout.items()}
+    return after
+
+
+def check_targets(before: dict, after: dict, sets: Sets, chance: float, log) -> dict:
+    """The job's own check of the targets (targets.py), on the held-out pictures where there are some,
+    else on the unseen views; warnings logged. The report's "check"."""
+    heldout, retain_check = sets.heldout, sets.check["retain"]
+    f_check, f_on = ((after["heldout"]["forget"], "held-out pictures") if heldout["forget"]
+                     else (after["forget_check"], "unseen views"))
+    r_check, r_on = (((before["heldout"]["retain"], after["heldout"]["retain"]), "held-out pictures") if heldout["retain"]
+                     else ((before["retain_check"], after["retain_check"]), "unseen views") if retain_check
+                     else ((None, None), ""))
     warnings = missed_targets(f_check["greedy_accuracy"], chance, *(m and m["greedy_accuracy"] for m in r_check),
                               forget_on=f_on, retain_on=r_on)
     for warning in warnings:
@@ -240,17 +368,29 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
         log("note: retention was checked on new views of the retain pictures the job trained on, where the retain "
             f"term has already restored them; {RETENTION_ON_NEW_PICTURES} (benchmarks/RESULTS.md). Gate on pictures "
             "the job never saw: fastunlearn verify ORIGINAL UNLEARNED FORGET_DIR --retain NEW_DIR --max-retain-drop 0.02")
-    phase("evaluate")
+    return {"note": "exact-answer accuracy on the held-out pictures (see heldout), or where a folder has none "
+                    "to hold out, on one more augmented view of every picture, never trained on (targets.py); "
+                    f"views are weak evidence, for retention most: {RETENTION_ON_NEW_PICTURES}",
+            "on": {"forget": f_on, "retain": r_on or None},
+            "chance": round(chance, 6), "forget_after": f_check["greedy_accuracy"],
+            "retain_before": r_check[0] and r_check[0]["greedy_accuracy"],
+            "retain_after": r_check[1] and r_check[1]["greedy_accuracy"],
+            "retain_nll_before": r_check[0] and r_check[0]["mean_token_nll"],
+            "retain_nll_after": r_check[1] and r_check[1]["mean_token_nll"], "warnings": warnings}
 
-    changes = tensor_changes(loaded, new)
+
+def result_dict(loaded, new: dict, cfg: Config, *, folders, requests, items, held_images, thin, settings, best,
+                sets: Sets, before, after, check, mask, losses, same_state, phases) -> dict:
+    """The job's result: the changes to write and everything for the report."""
     mask_density = sum(int(m.sum()) for m in mask.values()) / max(1, sum(m.numel() for m in mask.values()))
-    result = {
+    return {
         "adapter": loaded.adapter.family,
         "model_type": loaded.model.config.model_type,
-        "device": str(device),
+        "device": str(loaded.device),
         "compute_dtype": str(loaded.model.get_output_embeddings().weight.dtype).replace("torch.", ""),
-        "changes": changes,
-        "items": {"forget": forget_items, "retain": retain_items},
+        "changes": tensor_changes(loaded, new),
+        "may_change": list(loaded.adapter.connector_paths() + loaded.adapter.edited_stems),  # --scope's room
+        "items": items,
         "heldout": {
             "note": ("whole pictures (one per subject with two or more) held out of a first run; 'after' is that run's "
                      "projector, which did not train on them; the written projector is the last run's, with the same "
@@ -258,37 +398,27 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
                      + ("; they also chose the step and settings, so these figures lean optimistic"
                         if cfg.select or len(settings) > 1 else "")
                      + "; verify --retain NEW_DIR on pictures the job never saw at all is the unbiased measure"),
-            "pictures": {role: len({it.image for it in items if it.image in held_images})
-                         for role, items in (("forget", forget_items), ("retain", retain_items))},
+            "pictures": {role: len({it.image for it in items[role] if it.image in held_images}) for role in ROLES},
             "thin_subjects": {role: len(thin[role]) for role in thin},
-            **{role: {"before": heldout_before[role], "after": heldout_after[role]} for role in heldout if heldout[role]},
+            **{role: {"before": before["heldout"][role], "after": after["heldout"][role]}
+               for role in ROLES if sets.heldout[role]},
         },
         "selection": {"settings": [holdout.describe_setting(c) for c in settings], "chosen": best["setting"],
                       "step": best["step"], "trace": best["trace"]},
         "metrics": {  # on every picture of the folders: the written projector trained on all of them
-            "forget": {"before": fb, "after": fa},
-            "retain": {"before": rb, "after": ra},
+            "forget": {"before": before["forget"], "after": after["forget"]},
+            "retain": {"before": before["retain"], "after": after["retain"]},
         },
-        "check": {"note": "exact-answer accuracy on the held-out pictures (see heldout), or where a folder has none "
-                           "to hold out, on one more augmented view of every picture, never trained on (targets.py); "
-                           f"views are weak evidence, for retention most: {RETENTION_ON_NEW_PICTURES}",
-                  "on": {"forget": f_on, "retain": r_on or None},
-                  "chance": round(chance, 6), "forget_after": f_check["greedy_accuracy"],
-                  "retain_before": r_check[0] and r_check[0]["greedy_accuracy"],
-                  "retain_after": r_check[1] and r_check[1]["greedy_accuracy"],
-                  "retain_nll_before": r_check[0] and r_check[0]["mean_token_nll"],
-                  "retain_nll_after": r_check[1] and r_check[1]["mean_token_nll"], "warnings": warnings},
-        "requests": [{"folder": d, "items": items, "metrics": {"before": b, "after": a}}
-                     for d, items, b, a in zip(folders, requests, fb_req, fa_req)],
+        "check": check,
+        "requests": [{"folder": d, "items": request, "metrics": {"before": b, "after": a}}
+                     for d, request, b, a in zip(folders, requests, before["requests"], after["requests"])],
         "distributed": {**dist.describe(), "projector_identical_on_all_ranks": same_state},
         "mask_density": round(mask_density, 6),
         "losses": [round(x, 6) for x in losses],
-        "phases_s": phases,
-        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "phases_s": dict(phases),
+        "peak_memory_mb": round(peak_memory_mb(loaded.device), 1),
         "config": asdict(cfg),
     }
-    del loaded  # nothing may hold the checkpoint's files (mmap) once writing starts
-    return result
 
 
 def apply(ckpt, forget_dir, retain_dir=None, *, out=None, report_path=None, delta_path=None, dry_run=False,

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 
-from . import dist_samples as shards
 from . import safetensors_io as st
+from .distributed import place_sharded
 from .errors import UserError
-from .models import Adapter, adapter_for, stored_projector_names
+from .models import Adapter, adapter_for, stored_names, stored_projector_names
+from .scope import open_scope
 
 
 @dataclass
@@ -25,8 +26,8 @@ class Loaded:
     model: torch.nn.Module
     processor: object
     stored: dict[str, st.TensorInfo]
-    names: dict[str, str]  # projector module-relative name -> stored name
-    original: dict[str, torch.Tensor]  # stored projector tensors, as stored
+    names: dict[str, str]  # projector module-relative name (or scope.TOWER key) -> stored name
+    original: dict[str, torch.Tensor]  # stored tensors of the edit's room, as stored
     device: torch.device
     pixel_cache: OrderedDict = field(default_factory=OrderedDict)  # the last PIXEL_CACHE_PICTURES pictures
     feature_cache: object = None  # features.FeatureCache, made by the first cache_samples
@@ -84,13 +85,26 @@ def check_weights_match_config(ckpt: Path) -> None:
                         f"stores {sum(sizes):,}; config.json does not match the weights")
 
 
-def open_checkpoint(ckpt: Path, device: torch.device, llm_later: bool = False) -> Loaded:
+def scoped_adapter(ckpt: Path, k: int) -> Adapter:
+    """The checkpoint's adapter, given the tower layers `--scope vision:k` edits (the model built on the
+    meta device to find them: no memory)."""
+    from transformers import AutoModelForImageTextToText
+
+    _, config, adapter = inspect_checkpoint(ckpt)
+    if k:
+        with torch.device("meta"):
+            open_scope(adapter, AutoModelForImageTextToText.from_config(config, trust_remote_code=False), k)
+    return adapter
+
+
+def open_checkpoint(ckpt: Path, device: torch.device, llm_later: bool = False, scope: int = 0) -> Loaded:
     """The checkpoint, loaded for the job. On a CPU the model computes in fp32 (bf16/fp16 matmuls are
     slow or missing there), on CUDA in the stored dtype. A checkpoint stored in one float dtype is
     loaded as stored and cast tensor by tensor (loading straight to fp32 holds the stored bytes and
     the fp32 copies at once). With `llm_later`, the language model and lm_head stay as stored until
     `compute_dtype` (the job caches the features and drops the tower first: the two are never held
-    in fp32 together)."""
+    in fp32 together). `scope`: how many of the tower's last layers the job edits beside the connector
+    (scope.py); their tensors join the projector's in `names` and `original`."""
     ckpt = Path(ckpt)
     stored, config, adapter = inspect_checkpoint(ckpt)
     floats = {info.dtype for info in stored.values() if info.dtype in ("F64", "F32", "F16", "BF16")}
@@ -99,12 +113,15 @@ def open_checkpoint(ckpt: Path, device: torch.device, llm_later: bool = False) -
     if device.type == "cpu" and dtype != torch.float32 and _rounded_buffers(model, dtype):
         del model  # a buffer the model computes when built (Gemma's embed_scale) would differ from fp32's
         model = _from_pretrained(ckpt, torch.float32)
-    if not shards.place_sharded(model, device):  # FSDP2-sharded LLM under torchrun --shard-llm
+    if not place_sharded(model, device):  # FSDP2-sharded LLM under torchrun --shard-llm
         model.to(device)
     processor = adapter.load_processor(ckpt)
 
     module = dict(adapter.projector_module(model).named_parameters())
     names = stored_projector_names(adapter, list(module), list(stored))
+    tower = open_scope(adapter, model, scope)  # the tower layers the job may edit too (--scope vision:K)
+    names.update(stored_names({key: stem for key, (_, stem) in tower.items()}, list(stored)))
+    module.update({key: p for key, (p, _) in tower.items()})
     original = {}
     for name, stored_name in names.items():
         info = stored[stored_name]

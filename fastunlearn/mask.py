@@ -5,11 +5,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import dist_samples as shards
-from . import distributed as dist
 from .batches import _batch
 from .config import progress, trim_heap
-from .features import Sample
+from .distributed import ONE_PROCESS, Ranks
+from .features import RemoteSample, Sample, widest_share
 from .forward import sequence_nll
 from .optimise import pass_size
 
@@ -27,8 +26,8 @@ def fisher_samples(samples: list[Sample], limit: int) -> list[Sample]:
     return [pictures[k * len(pictures) // limit] for k in range(limit)]
 
 
-def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, chunk: int | None = None
-                    ) -> dict[str, torch.Tensor]:
+def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, chunk: int | None = None,
+                    ranks: Ranks = ONE_PROCESS) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher F = (1/S) sum_s g_s * g_s of each sample's answer NLL, fp32
     (squares underflow in fp16), g_s = d nll_s / d theta.
 
@@ -36,14 +35,16 @@ def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, c
     copy theta_s of the (small) projector parameters, the connector runs on each sample's picture
     with its copy, the frozen LLM runs forward and backward once for the chunk, and since nll_s
     depends on theta_s alone (sequences do not attend to each other), d(sum_s nll_s)/d theta_s = g_s.
-    Memory: `chunk` copies of the projector and their gradients on top of one batch's activations."""
+    Memory: `chunk` copies of the projector and their gradients on top of one batch's activations.
+    Each rank sums over its own share of the samples; the sums are added over the ranks."""
     chunk = chunk or pass_size(loaded.device)  # bounds the activations as a training step's passes do
-    chosen = fisher_samples(samples, limit)
-    total, chosen = len(chosen), shards.local_samples(chosen)  # each rank its own share of the pictures
+    everyone = fisher_samples(samples, limit)
+    chosen = [(s, 1.0) for s in everyone if not isinstance(s, RemoteSample)]
+    # a sharded LLM runs zero-weight stand-ins in lockstep (their NLL counts 0): every rank joins each collective
+    chosen += [(s, 0.0) for s in ranks.stand_ins(len(chosen), widest_share(everyone))]
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     for i in progress(range(0, len(chosen), chunk), desc="fisher"):
-        # a sharded LLM runs zero-weight stand-ins in lockstep (their NLL counts 0): every rank joins each collective
-        part, padding = zip(*(shards.unpad(s) for s in chosen[i : i + chunk]))
+        part, weights = zip(*chosen[i : i + chunk])
         with_picture = [j for j, s in enumerate(part) if s.features is not None]
         if not with_picture:  # text only: the projector gets no gradient (still one lockstep pass)
             sequence_nll(loaded, params, _batch(loaded, list(part)))
@@ -51,7 +52,7 @@ def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, c
         copies = {n: p.detach().expand(len(with_picture), *p.shape).clone().requires_grad_(True) for n, p in params.items()}
         per_picture = [{n: c[k] for n, c in copies.items()} for k in range(len(with_picture))]
         nll = sequence_nll(loaded, per_picture, _batch(loaded, list(part)))
-        weight = torch.tensor([0.0 if pad else 1.0 for pad in padding], device=nll.device)
+        weight = torch.tensor(weights, device=nll.device)
         grads = torch.autograd.grad((nll * weight).sum(), list(copies.values()), allow_unused=True)
         for n, g in zip(copies, grads):
             if g is not None:
@@ -59,8 +60,8 @@ def fisher_diagonal(loaded: Loaded, params, samples: list[Sample], limit: int, c
         del copies, per_picture, nll, grads
         if loaded.device.type == "cpu":
             trim_heap()  # see config.trim_heap: the peak stays at one chunk's activations
-    fisher = dist.all_reduce_sum(fisher)  # the sum over ranks; identity on one process
-    return {n: f / total for n, f in fisher.items()}
+    fisher = ranks.all_reduce(fisher)
+    return {n: f / len(everyone) for n, f in fisher.items()}
 
 
 def fisher_diagonal_loop(loaded: Loaded, params, samples: list[Sample], limit: int) -> dict[str, torch.Tensor]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from . import dist_samples as shards
-from . import distributed as dist
+from .anchor import Anchors, anchor_loss
 from .batches import _batch
 from .config import Config, progress, trim_heap
+from .distributed import ONE_PROCESS, Ranks
 from .forward import sequence_nll
 from .kernels.masked_adamw import masked_adamw_
 from .objectives import forget_loss, retain_nll, uses_retain
@@ -26,9 +26,11 @@ def pass_size(device: torch.device) -> int:
 
 
 def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, log, checkpoint=None,
-             every: int = 0) -> list[float]:
+             every: int = 0, ranks: Ranks = ONE_PROCESS, anchors: Anchors | None = None) -> list[float]:
     """`cfg.steps` masked AdamW steps on `params` (in place); `checkpoint(step, params)` after every
-    `every` steps and after the last, when given. Returns the loss of each step."""
+    `every` steps and after the last, when given. Returns the loss of each step. Under torchrun every
+    rank computes its share of each step's gradient and applies the sum. With `anchors` (anchor.py),
+    the loss adds `cfg.anchor_weight` x the anchor term."""
     trainable = {n: p.requires_grad_(True) for n, p in params.items()}
     state = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
     use_retain = bool(retain_batches) and uses_retain(cfg.method)
@@ -37,17 +39,13 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
     for step in bar:
         fb = forget_batches[step % len(forget_batches)]
         rb = retain_batches[step % len(retain_batches)] if use_retain else None
-        if not dist.active():
-            grads, loss_value = step_gradients(loaded, trainable, fb, rb, cfg, pass_size(loaded.device))
-        else:
-            # shards.local_term is this rank's share of term(batch)
-            loss = shards.local_term(fb, "seqs", trainable, lambda b: forget_loss(
-                cfg.method, sequence_nll(loaded, trainable, b), b.ref_nll, b.lengths, cfg.beta))
-            if rb is not None:
-                loss = loss + cfg.retain_weight * shards.local_term(rb, "tokens", trainable, lambda b: retain_nll(
-                    sequence_nll(loaded, trainable, b), b.lengths))
-            grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
-            grads, loss_value = dist.all_reduce_grads(trainable, grads, loss)
+        grads, loss_value = step_gradients(loaded, trainable, fb, rb, cfg, pass_size(loaded.device), ranks)
+        if anchors is not None and cfg.anchor_weight:  # no LLM pass: the connector on cached features
+            term = cfg.anchor_weight * anchor_loss(loaded, trainable, anchors, step, cfg.batch_size)
+            extra = torch.autograd.grad(term, list(trainable.values()), allow_unused=True)
+            grads = [b if a is None else a if b is None else a + b for a, b in zip(grads, extra)]
+            loss_value += float(term.detach())
+        grads, loss_value = ranks.sum_gradients(trainable, grads, loss_value)
         with torch.no_grad():
             for (n, p), g in zip(trainable.items(), grads):
                 if g is None:
@@ -66,16 +64,20 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
     return losses
 
 
-def step_gradients(loaded, trainable: dict, fb, rb, cfg: Config, per_pass: int) -> tuple[list, float]:
-    """The gradient and value of one step's loss, forget_loss(forget batch) + retain_weight *
-    retain_nll(retain batch), with the step's sequences (forget, then retain) run through the frozen
-    LLM `per_pass` at a time: one pass when it holds them all (fewer, larger matmuls), several to
-    bound the activations held at once. Each term is a mean over its batch's sequences (forget) or
-    answer tokens (retain), so a pass adds its sequences' share of each term: the same loss and
-    gradient as one pass over everything, to fp32 rounding."""
+def step_gradients(loaded, trainable: dict, fb, rb, cfg: Config, per_pass: int, ranks: Ranks = ONE_PROCESS
+                   ) -> tuple[list, float]:
+    """This rank's share of the gradient and value of one step's loss, forget_loss(forget batch) +
+    retain_weight * retain_nll(retain batch), with its sequences of the step (forget, then retain)
+    run through the frozen LLM `per_pass` at a time: one pass when it holds them all (fewer, larger
+    matmuls), several to bound the activations held at once. Each term is a mean over the whole
+    batch's sequences (forget) or answer tokens (retain), every rank's (`global_seqs`,
+    `global_tokens`), so a pass adds its sequences' share of each term: summed over the passes and
+    the ranks, the loss and gradient of one pass over everything, to fp32 rounding. With a sharded
+    LLM, zero-weight stand-ins make this rank's passes as many as any rank's."""
     seqs = [("forget", k, s) for k, s in enumerate(fb.samples)]
     seqs += [("retain", k, s) for k, s in enumerate(rb.samples)] if rb is not None else []
-    retain_tokens = rb.lengths.sum() if rb is not None else None
+    widest = fb.widest + (rb.widest if rb is not None else 0)
+    seqs += [("stand-in", 0, s) for s in ranks.stand_ins(len(seqs), widest)]
     grads, value = [None] * len(trainable), 0.0
     for start in range(0, len(seqs), per_pass):
         part = seqs[start : start + per_pass]
@@ -83,13 +85,16 @@ def step_gradients(loaded, trainable: dict, fb, rb, cfg: Config, per_pass: int) 
         nll = sequence_nll(loaded, trainable, batch)
         f = [j for j, (kind, _, _) in enumerate(part) if kind == "forget"]
         r = [j for j, (kind, _, _) in enumerate(part) if kind == "retain"]
+        stand_ins = [j for j, (kind, _, _) in enumerate(part) if kind == "stand-in"]
         loss = nll.new_zeros(())
         if f:
             ref = fb.ref_nll[[part[j][1] for j in f]]
-            loss = loss + forget_loss(cfg.method, nll[f], ref, batch.lengths[f], cfg.beta) * (len(f) / len(fb.samples))
+            loss = loss + forget_loss(cfg.method, nll[f], ref, batch.lengths[f], cfg.beta) * (len(f) / fb.global_seqs)
         if r:
-            share = batch.lengths[r].sum() / retain_tokens
+            share = batch.lengths[r].sum() / rb.global_tokens
             loss = loss + cfg.retain_weight * retain_nll(nll[r], batch.lengths[r]) * share
+        if stand_ins:  # weight 0, but in the graph: the backward makes the sharded layers' calls too
+            loss = loss + nll[stand_ins].sum() * 0.0
         value += float(loss.detach())
         if loss.requires_grad:  # else: no picture in this pass, no projector gradient
             part_grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)

@@ -138,6 +138,9 @@ def build_report(result: dict, proof: dict, source: Path, forget_dir, retain_dir
                 "prove that no other byte (headers, __metadata__, other tensors, other files) changed"
             ),
             "bytes_written": sum(c["byte_range"][1] - c["byte_range"][0] for c in result["changes"]),
+            # what the job was allowed to touch (--scope): stems of stored tensor names
+            "scope": result["config"]["scope"],
+            "may_change": result["may_change"],
             "all_other_bytes_unchanged": all_other_unchanged,
         },
         "files": files,

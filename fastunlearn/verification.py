@@ -21,7 +21,8 @@ from .checks import add_intervals, byte_checks, relearn_checks, threshold_checks
 from .errors import UserError
 from .features import cache_samples, drop_vision_tower, fill_answers
 from .forward import score, summarize
-from .load import inspect_checkpoint, master_params, open_checkpoint
+from .load import inspect_checkpoint, master_params, open_checkpoint, scoped_adapter
+from .scope import tower_layers
 from .report import describe_items, environment
 from .write import checkpoint_files, hash_files
 
@@ -48,14 +49,16 @@ def evaluate_checkpoint(ckpt: Path, item_sets: dict[str, list[Item]], device: to
     return out
 
 
-def compare_checkpoints(original: Path, unlearned: Path) -> dict:
-    """Byte-level comparison: every file's sha256, then tensor by tensor inside differing weight files."""
+def compare_checkpoints(original: Path, unlearned: Path, scope: str = "connector") -> dict:
+    """Byte-level comparison: every file's sha256, then tensor by tensor inside differing weight files.
+    Only the tensors of the edit's room `scope` (the connector, and with vision:K the tower's last K
+    layers) may differ."""
     original, unlearned = Path(original), Path(unlearned)
     files_a, files_b = checkpoint_files(original), checkpoint_files(unlearned)
     sha_a, _ = hash_files(original, files_a, desc="hashing original")
     sha_b, _ = hash_files(unlearned, files_b, desc="hashing unlearned")
     tensors_a, tensors_b = st.read_checkpoint(original), st.read_checkpoint(unlearned)
-    _, _, adapter = inspect_checkpoint(original)
+    adapter = scoped_adapter(original, tower_layers(scope))
 
     changed, headers_equal = [], True
     for name, a in tensors_a.items():
@@ -88,6 +91,7 @@ def compare_checkpoints(original: Path, unlearned: Path) -> dict:
     weight_names = {p.name for p in st.weight_files(original)}
     result = {
         "files": files,
+        "scope": {"scope": scope, "may_change": list(adapter.connector_paths() + adapter.edited_stems)},
         "changed_tensors": changed,
         "tensor_names_equal": set(tensors_a) == set(tensors_b),
         "headers_identical": headers_equal,
@@ -196,7 +200,7 @@ def verify(original: Path, unlearned: Path, forget_dir: Path, retain_dir: Path |
            text_path: Path | None = None, probes: bool = True, max_forget_accuracy: float | None = None,
            max_forget_choice_accuracy: float | None = None, max_retain_drop: float | None = None,
            max_text_nll_change: float | None = None, min_relearn_steps: int | None = None,
-           confidence: float | None = None) -> dict:
+           confidence: float | None = None, scope: str = "connector") -> dict:
     """Recompute, independently of apply's report, what changed byte for byte between two checkpoints
     and how both score on the given data. Returns the verification report as a plain dict; its
     "checks" list says which checks passed, "passed" whether all did (`exit_status` maps it to the
@@ -207,6 +211,7 @@ def verify(original: Path, unlearned: Path, forget_dir: Path, retain_dir: Path |
     least that many steps of the relearning attack (needs the probes)."""
     limits = {"max_forget_accuracy": max_forget_accuracy, "max_forget_choice_accuracy": max_forget_choice_accuracy,
               "max_retain_drop": max_retain_drop, "max_text_nll_change": max_text_nll_change}
+    tower_layers(scope)  # a bad --scope fails before any work
     if confidence is not None and not 0 < confidence < 1:
         raise UserError(f"--confidence must be between 0 and 1, e.g. 0.95 for 95% (got {confidence:g})")
     if min_relearn_steps is not None:
@@ -227,7 +232,7 @@ def verify(original: Path, unlearned: Path, forget_dir: Path, retain_dir: Path |
         raise UserError(f"{forget_dir}: --min-relearn-steps needs at least two pictures of a forgotten person "
                         "(the attack fine-tunes on one and tests on the other)")
     retain = read_folder(retain_dir, "retain") if retain_dir else []
-    comparison = compare_checkpoints(original, unlearned)
+    comparison = compare_checkpoints(original, unlearned, scope)
 
     text = read_text_questions(text_path) if text_path else []
     # targets without QA lines are the ORIGINAL model's greedy answers; each checkpoint is opened once

@@ -81,7 +81,7 @@ def test_verify_passes_and_states_each_check(unlearned, folders):
                                 probes=False, max_forget_accuracy=1.0, max_retain_drop=1.0)
     assert result["passed"] is True
     names = [c["check"] for c in result["checks"]]
-    assert any(n.startswith("byte proof: only connector tensors changed") for n in names)
+    assert any(n.startswith("byte proof: only --scope connector tensors changed") for n in names)
     assert sum(n.startswith("threshold:") for n in names) == 2
     assert all(c["passed"] for c in result["checks"])
     for c in result["checks"]:  # each accuracy threshold states its 95% interval and item count
@@ -110,7 +110,7 @@ def test_verify_fails_when_a_vision_tower_byte_flips(unlearned, folders, tmp_pat
     assert rc == 3
     result = json.loads(captured.out)
     failed = [c for c in result["checks"] if not c["passed"]]
-    assert [c["check"] for c in failed] == ["byte proof: only connector tensors changed"]
+    assert [c["check"] for c in failed] == ["byte proof: only --scope connector tensors changed"]
     assert "vision_tower" in failed[0]["detail"]
     assert result["passed"] is False
 

@@ -35,8 +35,10 @@ def test_split_holds_out_one_whole_picture_per_subject_with_two_or_more():
 
 def test_candidates_and_rank():
     cfg = Config(search=True)
-    given, gentler = holdout.candidates(cfg)
+    given, anchored, gentler = holdout.candidates(cfg)
     assert given is cfg and (gentler.lr, gentler.mask, gentler.retain_weight, gentler.steps) == (1e-3, "none", 5.0, 120)
+    assert anchored == Config(search=True, anchor_weight=holdout.ANCHORED)
+    assert len(holdout.candidates(Config(search=True, anchor_weight=1.0))) == 2  # already anchored
     assert holdout.candidates(Config()) == [Config()]
     chance = 0.125
     at_chance_small_drop_far = holdout.rank_key(0.15, chance, 0.02, 9.0)
@@ -55,8 +57,8 @@ def test_held_out_pictures_choose_the_step_and_settings_when_asked(variant, fold
                    config=Config(steps=10, views=0, fisher_samples=8, select=True, search=True), log=notes.append)
     held, sel = report["heldout"], report["selection"]
     assert held["pictures"] == {"forget": len(FORGET), "retain": 6} and held["thin_subjects"] == {"forget": 0, "retain": 0}
-    assert len(sel["settings"]) == 2
-    assert len(sel["trace"]) == 10 + 12  # every step of both settings
+    assert len(sel["settings"]) == 3
+    assert len(sel["trace"]) == 10 + 10 + 12  # every step of the three settings
     before = held["retain"]["before"]
     keys = [holdout.rank_key(t["forget_accuracy"], report["check"]["chance"],
                              before["greedy_accuracy"] - t["retain_accuracy"], t["forget_nll"]) for t in sel["trace"]]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from . import Adapter
+from .base import Adapter
 
 
 class Connector(nn.Module):

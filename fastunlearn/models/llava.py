@@ -11,7 +11,8 @@ from transformers import AutoProcessor
 
 from ..errors import UserError
 from ..kernels.projector import projector_mlp
-from . import Adapter
+from ..scope import TowerStack, run_layers
+from .base import Adapter
 
 
 class LlavaAdapter(Adapter):
@@ -46,16 +47,38 @@ class LlavaAdapter(Adapter):
     @torch.no_grad()
     def vision_features_batch(self, model, pixels):
         """One tower call for the pictures (one size after the processor), stopped after the deepest
-        layer `vision_feature_layer` reads: with the default -2, CLIP's last layer never runs."""
+        layer `vision_feature_layer` reads: with the default -2, CLIP's last layer never runs. With
+        edited tower layers: the input of the first of them, CLS token included."""
         config = model.config
         tower = model.model.vision_tower
         values = torch.cat([p["pixel_values"] for p in pixels]).to(tower.device, tower.dtype)
+        if self.edited:
+            return [f.contiguous() for f in _hidden_states(tower, values, [self.edited[0][0]])[0].unbind(0)]
         layers = config.vision_feature_layer
         layers = [layers] if isinstance(layers, int) else list(layers)
         hidden = _hidden_states(tower, values, layers)
         if config.vision_feature_select_strategy == "default":
             hidden = [h[:, 1:] for h in hidden]
         return [f.contiguous() for f in torch.cat(hidden, dim=-1).unbind(0)]
+
+    def tower_stack(self, model):
+        tower = model.model.vision_tower
+        inner = "vision_model." if hasattr(tower, "vision_model") else ""
+        layers = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+        layers = getattr(layers, "layers", None)
+        read = model.config.vision_feature_layer
+        if not isinstance(layers, torch.nn.ModuleList) or not isinstance(read, int):
+            raise UserError("--scope vision:K: needs a CLIP-style tower (encoder.layers) read at one layer "
+                            f"(vision_feature_layer is {read!r}); use --scope connector")
+        return TowerStack(f"vision_tower.{inner}encoder.layers", layers, read % (len(layers) + 1))
+
+    def tower_outputs(self, model, params, features):
+        """The edited layers on each picture's cached input, then the select strategy: the projector's input."""
+        if len({f.shape for f in features}) == 1:
+            hidden = list(run_layers(self.edited, params, torch.stack(features), attention_mask=None).unbind(0))
+        else:
+            hidden = [run_layers(self.edited, params, f[None], attention_mask=None)[0] for f in features]
+        return [h[1:] for h in hidden] if model.config.vision_feature_select_strategy == "default" else hidden
 
     def project(self, params, features, grid=None):
         return projector_mlp(
@@ -64,6 +87,8 @@ class LlavaAdapter(Adapter):
         )
 
     def project_images(self, model, params, features, grids):
+        if self.edited:
+            features = self.tower_outputs(model, params, features)
         # token by token: one projector call for the whole batch
         return list(self.project(params, torch.cat(features)).split([len(f) for f in features]))
 

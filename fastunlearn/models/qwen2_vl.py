@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from ..kernels.projector import projector_mlp
-from . import Adapter
+from ..scope import TowerStack, run_layers
+from .base import Adapter
+from .common import _Captured
 
 
 class Qwen2VLAdapter(Adapter):
@@ -44,11 +46,47 @@ class Qwen2VLAdapter(Adapter):
 
     @torch.no_grad()
     def vision_features(self, model, pixel):
+        """The blocks' output; with edited blocks, the first one's input and its rotary cos and sin,
+        side by side on the feature axis (a block attends within its picture only, so a picture's
+        rows are all it needs)."""
         visual = model.model.visual
-        out = visual(pixel["pixel_values"].to(visual.device, visual.dtype), grid_thw=pixel["image_grid_thw"].to(visual.device))
-        return out.last_hidden_state
+        values, grid = pixel["pixel_values"].to(visual.device, visual.dtype), pixel["image_grid_thw"].to(visual.device)
+        if not self.edited:
+            return visual(values, grid_thw=grid).last_hidden_state
+        captured = {}
+
+        def hook(module, args, kwargs):
+            captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+            captured["cos_sin"] = kwargs["position_embeddings"]
+            raise _Captured
+
+        handle = self.edited[0][1].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            visual(values, grid_thw=grid)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        return torch.cat([captured["hidden"], *captured["cos_sin"]], dim=-1)
+
+    def tower_stack(self, model):
+        blocks = model.model.visual.blocks
+        return TowerStack("visual.blocks", blocks, len(blocks))
+
+    def tower_outputs(self, model, params, features):
+        """The edited blocks on the batch's pictures (packed, each attending within itself)."""
+        width = model.config.vision_config.embed_dim
+        lengths = [len(f) for f in features]
+        packed = torch.cat(features)
+        hidden, cos, sin = packed[:, :width], *packed[:, width:].chunk(2, dim=-1)
+        bounds = torch.tensor([0, *lengths], device=packed.device).cumsum(0).to(torch.int32)
+        out = run_layers(self.edited, params, hidden, cu_seqlens=bounds, max_seqlen=max(lengths),
+                         position_embeddings=(cos, sin))
+        return list(out.split(lengths))
 
     def project_images(self, model, params, features, grids):
+        if self.edited:
+            features = self.tower_outputs(model, params, features)
         # merge group by merge group: one merger call for the whole batch
         merge = model.config.vision_config.spatial_merge_size ** 2
         return list(self.project(params, torch.cat(features)).split([len(f) // merge for f in features]))

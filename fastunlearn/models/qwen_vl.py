@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
 from .common import Connector, _Captured, call
 from .qwen2_vl import Qwen2VLAdapter
 
@@ -38,6 +39,10 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
 
     def connector_of(self, visual):
         return visual.merger
+
+    def tower_stack(self, model):
+        raise UserError(f"--scope vision:K: not available for {self.family} checkpoints yet (their blocks attend within "
+                        "windows of a reordered patch sequence); use --scope connector")
 
     @torch.no_grad()
     def vision_features(self, model, pixel):
