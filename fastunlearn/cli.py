@@ -35,8 +35,8 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select-step", action="store_true",
                    help="the held-out pictures choose the step count (scored every tenth of --steps)")
     p.add_argument("--search", action="store_true",
-                   help="the held-out pictures also choose between the given settings and a gentler one (a tenth of "
-                   "--lr, --mask none, --retain-weight + 2, a fifth more --steps)")
+                   help="the held-out pictures also choose between the given settings, the same with --anchor-weight "
+                   "10, and a gentler one (a tenth of --lr, --mask none, --retain-weight + 2, a fifth more --steps)")
     p.add_argument("--scope", default=d.scope, metavar="connector|vision:K",
                    help="what may change: the connector alone (default), or with vision:K also the last K layers of "
                    "the vision tower that the LLM's features pass through (LLaVA, Qwen2-VL); text-only prompts run "
