@@ -167,7 +167,9 @@ def build_report(result: dict, proof: dict, source: Path, forget_dir, retain_dir
             for r in result.get("requests", [])
         ],
         "distributed": result.get("distributed", {"world_size": 1, "backend": None}),
-        "config": result["config"],
+        # the --anchor folder by hash only, as the forget and retain folders
+        "config": {**result["config"], "anchor_dir": result["config"].get("anchor_dir") and
+                   _folder_sha(result["config"]["anchor_dir"])},
         "reproduce": reproduce_info(result),
         "environment": environment(result["device"]),
         "compute_dtype": result["compute_dtype"],

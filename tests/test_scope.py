@@ -1,4 +1,6 @@
 """The edit's room (`--scope vision:K`) and the anchor term."""
+import hashlib
+
 import pytest
 import torch
 
@@ -129,6 +131,7 @@ def test_apply_with_a_tower_layer_verify_and_patch(fresh, folders, tmp_path, cap
     assert report["byte_proof"]["all_other_bytes_unchanged"] and report["byte_proof"]["may_change"] == [
         "visual.merger.", "visual.blocks.1."]
     assert "visual.blocks.1." in capsys.readouterr().out  # apply's summary names what may change
+    assert report["config"]["scope"] == "vision:1" and report["config"]["anchor_dir"] is None
 
     common = ["verify", str(src), str(out), str(folders / "forget"), "--no-probes", "--device", "cpu", "--json"]
     assert main(common + ["--scope", "vision:1"]) == 0
@@ -148,6 +151,13 @@ def test_anchor_folder_needs_a_weight_and_pictures(tmp_path, folders):
 
     with pytest.raises(UserError, match="--anchor DIR needs --anchor-weight"):
         apply(asset("llava"), folders / "forget", dry_run=True, config=Config(anchor_dir=str(folders / "retain")))
+    fast = dict(steps=3, views=0, fisher_samples=4, holdout=False)
+    report = apply(asset("llava"), folders / "forget", dry_run=True,
+                   config=Config(**fast, anchor_dir=str(folders / "heldout"), anchor_weight=1.0))
+    assert report["config"]["anchor_dir"] == hashlib.sha256(str((folders / "heldout").resolve()).encode()).hexdigest()
+    plain = apply(asset("llava"), folders / "forget", dry_run=True, config=Config(**fast))
+    # the folder's pictures anchor: the same first step (the term is 0 at the original), then a larger loss
+    assert report["loss_curve"][0] == plain["loss_curve"][0] and report["loss_curve"][2] > plain["loss_curve"][2]
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images in the anchor folder"):
         apply(asset("llava"), folders / "forget", dry_run=True,
