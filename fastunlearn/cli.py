@@ -44,7 +44,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--anchor", type=Path, metavar="DIR",
                    help="pictures (no questions needed) whose visual tokens must stay as they are; with "
                    "--anchor-weight, also the retain pictures'")
-    p.add_argument("--anchor-weight", type=float, default=d.anchor_weight,
+    p.add_argument("--anchor-weight", type=float, default=d.anchor_weight, metavar="W",
                    help=f"weight of the anchor term: the relative distance of the edited visual tokens from the "
                    f"original's on the anchor and retain pictures (default {d.anchor_weight}; 0 turns it off)")
     p.add_argument("--shard-llm", action="store_true",
