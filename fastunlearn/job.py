@@ -155,7 +155,7 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     chosen = settings[best["setting"]]
     mask = masks.get(chosen.mask, everything(params))
     params = {n: p.detach().clone() for n, p in params.items()}
-    anchors = anchors_for(loaded, params, sets.samples["retain"] + sets.anchor, cfg.anchor_weight, ranks.world)
+    anchors = anchors_for(loaded, params, sets.samples["retain"] + sets.anchor, chosen.anchor_weight, ranks.world)
     losses = optimise(loaded, params, mask, sets.train["forget"], sets.train["retain"],
                       replace(chosen, steps=best["step"]), log, ranks=ranks, anchors=anchors)
     same_state = dist.same_state(params)  # rank 0's projector on every rank, checked
@@ -312,7 +312,8 @@ def first_run(loaded, params, sets: Sets, reference, settings: list, masks: dict
     set_reference(loaded, forget_batches, reference[~torch.tensor(mine, dtype=torch.bool)])
     first_masks = fisher_masks(loaded, params, first["forget"], first["retain"], cfg, ranks) if masks else {}
     # the held-out retain pictures are no anchors of the run measured on them
-    anchors = anchors_for(loaded, params, first["retain"] + sets.anchor, cfg.anchor_weight, ranks.world)
+    anchors = anchors_for(loaded, params, first["retain"] + sets.anchor, max(c.anchor_weight for c in settings),
+                          ranks.world)
     best = holdout.first_runs(loaded, params, settings, first_masks, everything(params), forget_batches,
                               make_batches(loaded, first["retain"], cfg.batch_size), sets.heldout, before["heldout"],
                               chance, cfg.select, log, ranks, anchors)

@@ -59,6 +59,8 @@ def test_held_out_pictures_choose_the_step_and_settings_when_asked(variant, fold
     assert held["pictures"] == {"forget": len(FORGET), "retain": 6} and held["thin_subjects"] == {"forget": 0, "retain": 0}
     assert len(sel["settings"]) == 3
     assert len(sel["trace"]) == 10 + 10 + 12  # every step of the three settings
+    curves = [[t["forget_nll"] for t in sel["trace"] if t["setting"] == k] for k in range(3)]
+    assert curves[0] != curves[1]  # the anchored setting runs with its anchors
     before = held["retain"]["before"]
     keys = [holdout.rank_key(t["forget_accuracy"], report["check"]["chance"],
                              before["greedy_accuracy"] - t["retain_accuracy"], t["forget_nll"]) for t in sel["trace"]]
