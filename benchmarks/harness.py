@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from fastunlearn import evaluate as ev
-from fastunlearn.data import read_folder
+from fastunlearn.data import first_question_only, read_folder
 from fastunlearn.features import cache_samples, drop_vision_tower
 from fastunlearn.load import master_params, open_checkpoint
 from fastunlearn.worlds import bench as bw
@@ -80,11 +80,3 @@ class Bench:
                 for n in tensors:
                     model_params[n].copy_(self.original_model[n])
 
-
-def first_question_only(items):
-    seen, out = set(), []
-    for it in items:
-        if it.image not in seen:
-            seen.add(it.image)
-            out.append(it)
-    return out

@@ -78,6 +78,16 @@ def load_image(path: Path) -> Image.Image:
         raise UserError(f"{path}: unreadable image ({str(e)[:200]})") from None
 
 
+def first_question_only(items: list[Item]) -> list[Item]:
+    """The first item of each picture (text items, with no picture, count as one)."""
+    seen, out = set(), []
+    for it in items:
+        if it.image not in seen:
+            seen.add(it.image)
+            out.append(it)
+    return out
+
+
 def read_folder(folder: Path, role: str = "forget", kinds=TRAINABLE_KINDS) -> list[Item]:
     """The items of a forget / retain folder: its QA lines of the given kinds (every line is
     validated, whatever its kind), and the default questions for pictures with none."""

@@ -28,7 +28,7 @@ from . import journal
 from . import safetensors_io as st
 from .batches import make_batches
 from .config import Config, pick_device, seed_everything, trim_heap
-from .data import read_folder
+from .data import first_question_only, read_folder
 from .delta import save_delta, tensor_changes
 from .errors import UserError
 from .features import RemoteSample, cache_samples, drop_vision_tower, fill_answers
@@ -240,12 +240,7 @@ def cache(loaded, requests: list, retain_items: list, held_images: set, cfg: Con
 
 def anchor_items(folder: str) -> list:
     """One item per picture of an --anchor folder (its questions, if any, are not used)."""
-    seen, out = set(), []
-    for it in read_folder(Path(folder), "anchor"):
-        if it.image not in seen:
-            seen.add(it.image)
-            out.append(it)
-    return out
+    return first_question_only(read_folder(Path(folder), "anchor"))
 
 
 def metrics(loaded, params, batches: list, ranks) -> dict:
