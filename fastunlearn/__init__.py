@@ -23,7 +23,7 @@ terminal.
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "apply": "job",
+    "apply": "applying",
     "verify": "verification",
     "patch": "patching",
     "convert": "convert",

@@ -39,8 +39,8 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
                    "10, and a gentler one (a tenth of --lr, --mask none, --retain-weight + 2, a fifth more --steps)")
     p.add_argument("--scope", default=d.scope, metavar="connector|vision:K",
                    help="what may change: the connector alone (default), or with vision:K also the last K layers of "
-                   "the vision tower that the LLM's features pass through (LLaVA, Qwen2-VL); text-only prompts run "
-                   "neither, so text answers cannot move either way")
+                   "the vision tower that the LLM's features pass through (the LLaVA families, Aya Vision, Qwen2-VL); "
+                   "text-only prompts run neither, so text answers cannot move either way")
     p.add_argument("--anchor", type=Path, metavar="DIR",
                    help="pictures (no questions needed) whose visual tokens must stay as they are; with "
                    "--anchor-weight, also the retain pictures'")
@@ -179,7 +179,7 @@ def print_verify_metrics(metrics: dict) -> None:
 
 def cmd_apply(args) -> int:
     from . import distributed
-    from .job import apply
+    from .applying import apply
 
     # under torchrun, rank 0 alone prints (every rank prints its own error line, which
     # torchrun's SIGTERM to the survivors must not cut short)

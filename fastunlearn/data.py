@@ -88,6 +88,31 @@ def first_question_only(items: list[Item]) -> list[Item]:
     return out
 
 
+def forget_folders(forget_dir) -> list[Path]:
+    """The forget requests of one job: a folder, a list of folders, or a manifest file (one folder a
+    line, relative to the manifest; blank lines and # comments skipped)."""
+    dirs = [forget_dir] if isinstance(forget_dir, (str, Path)) else list(forget_dir)
+    if not dirs:
+        raise UserError("no forget folder given")
+    out = []
+    for d in map(Path, dirs):
+        if d.is_file():
+            try:
+                if d.stat().st_size > 1 << 20:
+                    raise UserError(f"{d}: a file, not a folder; too large for a manifest (one forget folder a line)")
+                lines = d.read_bytes().decode("utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"{d}: a file, not a folder; not usable as a manifest (one forget folder a line: "
+                                f"{e.__class__.__name__})") from None
+            listed = [d.parent / line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+            if not listed:
+                raise UserError(f"{d}: manifest lists no forget folder")
+            out += listed
+        else:
+            out.append(d)
+    return out
+
+
 def read_folder(folder: Path, role: str = "forget", kinds=TRAINABLE_KINDS) -> list[Item]:
     """The items of a forget / retain folder: its QA lines of the given kinds (every line is
     validated, whatever its kind), and the default questions for pictures with none."""

@@ -19,8 +19,8 @@ import torch
 from . import safetensors_io as st
 from .config import progress
 from .data import Item, augmented_view, load_image
-from .distributed import ONE_PROCESS, Ranks
 from .errors import UserError
+from .ranks import ONE_PROCESS, Ranks
 
 if TYPE_CHECKING:
     from .load import Loaded

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from .batches import Batch, _batch
-from .distributed import ONE_PROCESS, Ranks
 from .errors import UserError
 from .kernels.linear_nll import linear_nll
+from .ranks import ONE_PROCESS, Ranks
 
 if TYPE_CHECKING:
     from .load import Loaded

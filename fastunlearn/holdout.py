@@ -25,9 +25,9 @@ import random
 from dataclasses import replace
 
 from .data import Item
-from .distributed import ONE_PROCESS
 from .forward import score, summarize
 from .optimise import optimise
+from .ranks import ONE_PROCESS
 from .targets import FORGET_TOLERANCE
 
 

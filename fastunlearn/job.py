@@ -1,4 +1,5 @@
-"""The erasure job: cache -> reference -> mask -> optimise -> evaluate -> write -> report.
+"""The erasure job: cache -> reference -> mask -> optimise -> evaluate, in memory; applying.py
+writes its result and the report.
 
 Only the projector changes, so:
 - vision features are computed once per image, then the vision tower is dropped;
@@ -13,9 +14,7 @@ Only the projector changes, so:
 """
 from __future__ import annotations
 
-import contextlib
 import gc
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
@@ -24,24 +23,21 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist  # torchrun data parallelism (identity on one process)
-from . import journal
-from . import safetensors_io as st
 from .batches import make_batches
 from .config import Config, pick_device, seed_everything, trim_heap
-from .data import first_question_only, read_folder
-from .delta import save_delta, tensor_changes
+from .data import first_question_only, forget_folders, read_folder
+from .delta import tensor_changes
 from .errors import UserError
 from .features import RemoteSample, cache_samples, drop_vision_tower, fill_answers
-from .fingerprints import config_fingerprint, fingerprint_checkpoint, fingerprint_folder
 from .forward import score, summarize
-from .load import check_weights_match_config, compute_dtype, master_params, open_checkpoint
+from .load import compute_dtype, master_params, open_checkpoint
 from .mask import fisher_diagonal, saliency_mask
 from . import holdout
 from .anchor import anchors_for
 from .optimise import optimise
+from .ranks import ranks as job_ranks
 from .scope import tower_layers
 from .targets import RETENTION_ON_NEW_PICTURES, chance_level, missed_targets
-from .write import preflight, write_result
 
 logger = logging.getLogger("fastunlearn")
 
@@ -52,31 +48,6 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def forget_folders(forget_dir) -> list[Path]:
-    """The forget requests of one job: a folder, a list of folders, or a manifest file (one folder a
-    line, relative to the manifest; blank lines and # comments skipped)."""
-    dirs = [forget_dir] if isinstance(forget_dir, (str, Path)) else list(forget_dir)
-    if not dirs:
-        raise UserError("no forget folder given")
-    out = []
-    for d in map(Path, dirs):
-        if d.is_file():
-            try:
-                if d.stat().st_size > 1 << 20:
-                    raise UserError(f"{d}: a file, not a folder; too large for a manifest (one forget folder a line)")
-                lines = d.read_bytes().decode("utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as e:
-                raise UserError(f"{d}: a file, not a folder; not usable as a manifest (one forget folder a line: "
-                                f"{e.__class__.__name__})") from None
-            listed = [d.parent / line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-            if not listed:
-                raise UserError(f"{d}: manifest lists no forget folder")
-            out += listed
-        else:
-            out.append(d)
-    return out
 
 
 ROLES = ("forget", "retain")
@@ -127,7 +98,7 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     requests = [read_folder(d, "forget") for d in folders]  # one list of items per erasure request
     retain_items = read_folder(retain_dir, "retain") if retain_dir is not None else []
     device = dist.init(pick_device(cfg.device), shard=cfg.shard_llm)  # cuda:LOCAL_RANK under torchrun
-    ranks = dist.ranks()  # which pictures this process computes: on one process, all of them
+    ranks = job_ranks()  # which pictures this process computes: on one process, all of them
     phase = Phases(device, start)
     loaded = open_checkpoint(ckpt, device, llm_later=True, scope=tower_layers(cfg.scope))  # the LLM cast once the tower is dropped
     phase("load")
@@ -415,87 +386,3 @@ def result_dict(loaded, new: dict, cfg: Config, *, folders, requests, items, hel
         "peak_memory_mb": round(peak_memory_mb(loaded.device), 1),
         "config": asdict(cfg),
     }
-
-
-def apply(ckpt, forget_dir, retain_dir=None, *, out=None, report_path=None, delta_path=None, dry_run=False,
-          config: Config | None = None, log=None) -> dict:
-    """Erase what `forget_dir` shows from the checkpoint folder `ckpt`; keep what `retain_dir` shows.
-
-    Patches `ckpt` in place (crash-safe), or writes a new checkpoint folder `out`; `dry_run` writes
-    no checkpoint. Writes the JSON report (default: unlearning_report.json in the written
-    checkpoint) and, with `delta_path`, the delta for `patch`. Returns the report as a plain dict.
-    Raises UserError (or a subclass, see errors.py) for input it cannot use, before any write.
-    `log` receives one-line notes (default: the "fastunlearn" logger)."""
-    cfg = config or Config()
-    log = log or logger.info
-    cfg.check()
-    started = time.perf_counter()
-    ckpt = Path(ckpt)
-    # under torchrun, join the process group; rank 0 alone locks, recovers, writes
-    dist.init(pick_device(cfg.device), shard=cfg.shard_llm)
-    try:
-        return _apply(ckpt, forget_dir, retain_dir, out, report_path, delta_path, dry_run, cfg, log, started)
-    except Exception as e:
-        dist.stopping()  # torchrun's SIGTERM must not cut this rank's error line
-        failure = dist.as_failure(e)  # a peer's death seen inside FSDP's collectives: one line
-        if failure is None:
-            raise
-        raise failure from None
-    finally:
-        dist.shutdown()
-
-
-def _apply(ckpt, forget_dir, retain_dir, out, report_path, delta_path, dry_run, cfg, log, started) -> dict:
-    in_place = out is None and not dry_run
-    main = dist.is_main()
-    folders = forget_folders(forget_dir)
-    # an in-place job holds the checkpoint's lock from start to end: a second one says "busy" at once
-    problem, stamps = None, None
-    with contextlib.ExitStack() as stack:
-        try:
-            check_weights_match_config(ckpt)
-            if in_place and main:
-                stack.enter_context(journal.locked(ckpt))
-            if main and ((ckpt / journal.JOURNAL).exists() or (ckpt / (journal.JOURNAL + ".tmp")).exists()):
-                if journal.recover(ckpt):
-                    log(f"finished an interrupted patch of {ckpt}")
-            if main:
-                preflight(ckpt, out, dry_run)
-                stamps = {p.resolve(): st.file_stamp(p) for p in st.weight_files(ckpt)}
-        except UserError as e:
-            problem = e
-        # every rank could start and got the same inputs, or every rank stops here
-        dist.agree({"checkpoint": lambda: fingerprint_checkpoint(ckpt),
-                    "forget": lambda: [fingerprint_folder(d) for d in folders],
-                    "retain": lambda: fingerprint_folder(retain_dir),
-                    "options": lambda: config_fingerprint(cfg, out=out, dry_run=dry_run, delta=delta_path,
-                                                               report=report_path)}, problem)
-
-        result = unlearn(ckpt, folders, Path(retain_dir) if retain_dir else None, cfg, log)
-        gc.collect()
-
-        def write_and_report():  # rank 0 only; the whole job on one process
-            journal.test_pause("before-write")
-            t_write = time.perf_counter()
-            proof = write_result(ckpt, result, Path(out) if out else None, dry_run, stamps)
-            result["phases_s"]["write"] = round(time.perf_counter() - t_write, 3)
-            result["phases_s"]["total"] = round(time.perf_counter() - started, 3)
-            return _finish(result, proof, ckpt, folders, retain_dir, report_path, delta_path, dry_run)
-
-        return dist.on_main(write_and_report)
-
-
-def _finish(result, proof, ckpt, forget_dir, retain_dir, report_path, delta_path, dry_run) -> dict:
-    from .report import build_report
-
-    report = build_report(result, proof, source=ckpt, forget_dir=forget_dir, retain_dir=retain_dir)
-    if report_path is None and not dry_run:
-        report_path = Path(proof["written_to"]) / "unlearning_report.json"
-    if report_path is not None:
-        journal.write_file_atomic(Path(report_path), (json.dumps(report, indent=2) + "\n").encode())
-        report["report_path"] = str(report_path)
-    if delta_path is not None:
-        save_delta(Path(delta_path), result["changes"])
-    if not report["byte_proof"]["all_other_bytes_unchanged"] and not dry_run:
-        raise UserError(f"bytes outside the projector changed in {proof['written_to']} during the write; see {report_path}")
-    return report

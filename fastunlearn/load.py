@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from . import safetensors_io as st
-from .distributed import place_sharded
 from .errors import UserError
 from .models import Adapter, adapter_for, stored_names, stored_projector_names
+from .ranks import place_sharded
 from .scope import open_scope
 
 

@@ -7,10 +7,10 @@ import torch
 
 from .batches import _batch
 from .config import progress, trim_heap
-from .distributed import ONE_PROCESS, Ranks
 from .features import RemoteSample, Sample, widest_share
 from .forward import sequence_nll
 from .optimise import pass_size
+from .ranks import ONE_PROCESS, Ranks
 
 if TYPE_CHECKING:
     from .load import Loaded

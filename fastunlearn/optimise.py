@@ -7,10 +7,10 @@ import torch
 from .anchor import Anchors, anchor_loss
 from .batches import _batch
 from .config import Config, progress, trim_heap
-from .distributed import ONE_PROCESS, Ranks
 from .forward import sequence_nll
 from .kernels.masked_adamw import masked_adamw_
 from .objectives import forget_loss, retain_nll, uses_retain
+from .ranks import ONE_PROCESS, Ranks
 
 # Sequences per LLM pass within a step (forget and retain together, see `step_gradients`), by device
 # type. Measured on the CPU LLaVA of benchmarks/bench_e2e.py (16 sequences of 79 tokens a step, 2

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from fastunlearn.cli import main
 from fastunlearn.config import Config
-from fastunlearn.job import apply
+from fastunlearn.applying import apply
 from fastunlearn.worlds import people as world
 
 from conftest import FORGET, OTHERS, tree

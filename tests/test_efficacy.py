@@ -7,7 +7,7 @@ import pytest
 from fastunlearn import targets
 from fastunlearn.config import Config
 from fastunlearn.data import Item
-from fastunlearn.job import apply
+from fastunlearn.applying import apply
 
 
 def test_chance_is_one_over_the_distinct_answers():

@@ -19,7 +19,7 @@ from fastunlearn.batches import _batch
 from fastunlearn.config import Config
 from fastunlearn.features import cache_samples
 from fastunlearn.forward import answer_hidden
-from fastunlearn.job import apply
+from fastunlearn.applying import apply
 from fastunlearn.load import master_params, open_checkpoint
 from fastunlearn.verification import evaluate_checkpoint
 

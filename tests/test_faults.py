@@ -34,7 +34,7 @@ from conftest import FORGET, tree
 SERVER = r"""
 import json, os, sys, traceback
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-import fastunlearn.cli, fastunlearn.job, fastunlearn.patching, fastunlearn.report  # import once, fork per run
+import fastunlearn.cli, fastunlearn.applying, fastunlearn.job, fastunlearn.patching, fastunlearn.report  # import once, fork per run
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from fastunlearn.cli import main, quiet_transformers
 quiet_transformers()
@@ -367,7 +367,7 @@ def test_read_only_source_with_out(variant, fresh, forget, tmp_path, monkeypatch
     """As root, permissions are not enforced: os.access is made to report the source read-only,
     and an audit hook records every open() for writing; none may touch the source."""
     from fastunlearn.config import Config
-    from fastunlearn.job import apply
+    from fastunlearn.applying import apply
 
     ckpt = fresh(variant("llava"))
     real = os.access

@@ -6,7 +6,7 @@ import pytest
 from fastunlearn import holdout
 from fastunlearn.config import Config
 from fastunlearn.data import Item, read_folder
-from fastunlearn.job import apply
+from fastunlearn.applying import apply
 from fastunlearn.worlds import people as world
 
 from conftest import FORGET

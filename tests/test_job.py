@@ -13,7 +13,7 @@ from fastunlearn.batches import make_batches
 from fastunlearn.config import Config
 from fastunlearn.features import cache_samples, drop_vision_tower
 from fastunlearn.forward import score
-from fastunlearn.job import apply
+from fastunlearn.applying import apply
 from fastunlearn.load import master_params, open_checkpoint
 from fastunlearn.optimise import optimise
 from fastunlearn.verification import evaluate_checkpoint

@@ -147,7 +147,7 @@ def test_apply_with_a_tower_layer_verify_and_patch(fresh, folders, tmp_path, cap
 
 
 def test_anchor_folder_needs_a_weight_and_pictures(tmp_path, folders):
-    from fastunlearn.job import apply
+    from fastunlearn.applying import apply
 
     with pytest.raises(UserError, match="--anchor DIR needs --anchor-weight"):
         apply(asset("llava"), folders / "forget", dry_run=True, config=Config(anchor_dir=str(folders / "retain")))

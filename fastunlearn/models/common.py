@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..scope import TOWER
 from .base import Adapter
 
 
@@ -28,8 +29,9 @@ class Connector(nn.Module):
 
 
 def call(module: nn.Module, params: dict[str, torch.Tensor], prefix: str, *args, **kwargs):
-    """`module(*args, **kwargs)` with the parameters `params[prefix + name]` in place of its own."""
-    own = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+    """`module(*args, **kwargs)` with the parameters `params[prefix + name]` in place of its own (the
+    edited tower layers' `tower.*` entries are not the connector's)."""
+    own = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix) and not k.startswith(TOWER)}
     return torch.func.functional_call(module, own, args, kwargs)
 
 
@@ -165,14 +167,16 @@ class ProcessorAdapter(Adapter):
 
     @torch.no_grad()
     def vision_features(self, model, pixel):
-        """The connector's input while the family's own `get_image_features` runs, [rows, features]."""
+        """The connector's input while the family's own `get_image_features` runs, [rows, features]; with
+        edited tower layers (`tower_stack`), the first one's input instead, every token of every tile."""
         captured = {}
 
         def hook(module, args, kwargs):
             captured["args"], captured["kwargs"] = args, kwargs
             raise _Captured
 
-        handle = self.hooked_module(model).register_forward_pre_hook(hook, with_kwargs=True)
+        hooked = self.edited[0][1] if self.edited else self.hooked_module(model)
+        handle = hooked.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             model.model.get_image_features(**self.feature_inputs(model, pixel))
         except _Captured:
@@ -181,6 +185,9 @@ class ProcessorAdapter(Adapter):
             handle.remove()
         if "args" not in captured:
             raise UserError("the vision tower's output never reached the connector")
+        if self.edited:
+            x = captured["args"][0] if captured["args"] else captured["kwargs"]["hidden_states"]
+            return x.reshape(-1, x.shape[-1])
         x = captured["args"][0] if captured["args"] else next(iter(captured["kwargs"].values()))
         return self.features_of(x, captured["kwargs"])
 

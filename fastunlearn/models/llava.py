@@ -62,23 +62,13 @@ class LlavaAdapter(Adapter):
         return [f.contiguous() for f in torch.cat(hidden, dim=-1).unbind(0)]
 
     def tower_stack(self, model):
-        tower = model.model.vision_tower
-        inner = "vision_model." if hasattr(tower, "vision_model") else ""
-        layers = getattr(getattr(tower, "vision_model", tower), "encoder", None)
-        layers = getattr(layers, "layers", None)
-        read = model.config.vision_feature_layer
-        if not isinstance(layers, torch.nn.ModuleList) or not isinstance(read, int):
-            raise UserError("--scope vision:K: needs a CLIP-style tower (encoder.layers) read at one layer "
-                            f"(vision_feature_layer is {read!r}); use --scope connector")
-        return TowerStack(f"vision_tower.{inner}encoder.layers", layers, read % (len(layers) + 1))
+        return clip_stack(model)
 
     def tower_outputs(self, model, params, features):
         """The edited layers on each picture's cached input, then the select strategy: the projector's input."""
         if len({f.shape for f in features}) == 1:
-            hidden = list(run_layers(self.edited, params, torch.stack(features), attention_mask=None).unbind(0))
-        else:
-            hidden = [run_layers(self.edited, params, f[None], attention_mask=None)[0] for f in features]
-        return [h[1:] for h in hidden] if model.config.vision_feature_select_strategy == "default" else hidden
+            return list(clip_layers(model, self.edited, params, torch.stack(features)).unbind(0))
+        return [clip_layers(model, self.edited, params, f[None])[0] for f in features]
 
     def project(self, params, features, grid=None):
         return projector_mlp(
@@ -97,6 +87,31 @@ class LlavaAdapter(Adapter):
         if pixel is not None:
             inputs["pixel_values"] = pixel["pixel_values"].to(model.device, model.dtype)
         return inputs
+
+
+def clip_stack(model) -> TowerStack:
+    """The encoder layers of a CLIP- or SigLIP-style tower (`vision_tower[.vision_model].encoder.layers`)
+    that the LLM reads at one layer, `vision_feature_layer`."""
+    tower = model.model.vision_tower
+    inner = "vision_model." if hasattr(tower, "vision_model") else ""
+    layers = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+    layers = getattr(layers, "layers", None)
+    config = model.config
+    read = getattr(config, "vision_feature_layer", getattr(config, "vision_feature_layers", None))  # VipLLaVA: a list
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise UserError("--scope vision:K: needs a CLIP-style tower (encoder.layers), and this checkpoint's has "
+                        "none; use --scope connector")
+    if not isinstance(read, int):
+        raise UserError(f"--scope vision:K: this checkpoint's connector reads several tower layers ({read!r}), so "
+                        "there are no last K layers its features pass through; use --scope connector")
+    return TowerStack(f"vision_tower.{inner}encoder.layers", layers, read % (len(layers) + 1))
+
+
+def clip_layers(model, edited, params, hidden: torch.Tensor) -> torch.Tensor:
+    """The edited layers on their cached input [pictures or tiles, tokens, width], then the select
+    strategy ("default" drops the CLS token): the projector's input."""
+    hidden = run_layers(edited, params, hidden, attention_mask=None)
+    return hidden[:, 1:] if model.config.vision_feature_select_strategy == "default" else hidden
 
 
 class _Done(Exception):

@@ -6,10 +6,12 @@ Connector (both may change): `multi_modal_projector.linear_{1,2}.{weight,bias}` 
 (it enters the LLM directly, as an image token). Features: the tower's selected hidden states of
 every tile (base + grid), as the family's `get_image_features` selects them. The arranging step is
 the model's own `pack_image_features`, run on the projected tiles with the job's `image_newline`
-(OneVision's anyres_max_9 downscale of large grids included)."""
+(OneVision's anyres_max_9 downscale of large grids included). `--scope vision:K`: the tower is
+LLaVA's (CLIP or SigLIP layers read at `vision_feature_layer`), run on every tile."""
 from __future__ import annotations
 
 from .common import Connector, ProcessorAdapter, call
+from .llava import clip_layers, clip_stack
 
 
 class LlavaNextAdapter(ProcessorAdapter):
@@ -29,6 +31,9 @@ class LlavaNextAdapter(ProcessorAdapter):
     def hooked_module(self, model):
         return model.model.multi_modal_projector
 
+    def tower_stack(self, model):
+        return clip_stack(model)
+
     def pack(self, model, tiles, grid, newline):
         packed, _ = model.model.pack_image_features([tiles], grid["image_sizes"], model.config.vision_feature_select_strategy,
                                                     image_newline=newline)
@@ -40,8 +45,10 @@ class LlavaNextAdapter(ProcessorAdapter):
         family = importlib.import_module(type(model.model).__module__)
         n_tiles = family.image_size_to_num_patches(grid["image_sizes"][0], model.config.image_grid_pinpoints,
                                                    model.config.vision_config.image_size)
-        tiles = call(module.multi_modal_projector, params, "multi_modal_projector.",
-                     features.view(n_tiles, -1, features.shape[-1]))
+        tiles = features.view(n_tiles, -1, features.shape[-1])
+        if self.edited:
+            tiles = clip_layers(model, self.edited, params, tiles)
+        tiles = call(module.multi_modal_projector, params, "multi_modal_projector.", tiles)
         return self.pack(model, tiles, grid, params["image_newline"])
 
 

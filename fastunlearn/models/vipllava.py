@@ -5,6 +5,7 @@ Connector: `multi_modal_projector.projector_layernorm.*`, `.linear_{1,2}.{weight
 from __future__ import annotations
 
 from .common import ProcessorAdapter
+from .llava import clip_stack
 
 
 class VipLlavaAdapter(ProcessorAdapter):
@@ -14,3 +15,6 @@ class VipLlavaAdapter(ProcessorAdapter):
     processor_module = "llava"
     pooler_output_tensor = True
     batch_views = True
+
+    def tower_stack(self, model):
+        return clip_stack(model)  # refuses: the connector reads several layers

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import Config, pick_device
 from ..data import Item
 from ..errors import UserError
-from ..job import apply
+from ..applying import apply
 from ..verification import evaluate_checkpoint
 from . import people as world
 
