@@ -76,7 +76,7 @@ class Sets:
 
     samples: dict  # every view of every picture; the forget folders' request by request
     held: dict  # per sample: is its picture held out of the first run (holdout.py)
-    train: dict  # batches of `samples`
+    train: dict  # batches of `samples`, the retain ones in mixed order (`mixed`)
     eval: dict  # batches of the pictures themselves (view 0): the metrics
     check: dict  # batches of one more view of every picture, never trained on (targets.py)
     heldout: dict  # batches of the held-out pictures (view 0)
@@ -203,10 +203,21 @@ def cache(loaded, requests: list, retain_items: list, held_images: set, cfg: Con
     bounds = [0]
     for r in per_request:  # each request's pictures: a contiguous run of the evaluated sequences
         bounds.append(bounds[-1] + sum(1 for s in r if s.view == 0))
-    return Sets(samples=train, held=held, train={role: batches(train[role]) for role in ROLES},
+    return Sets(samples=train, held=held, train={"forget": batches(train["forget"]),
+                                                 "retain": batches(mixed(train["retain"], cfg.seed))},
                 # metrics are measured on the pictures themselves, not on their augmented views
                 eval={role: batches([s for s in train[role] if s.view == 0]) for role in ROLES},
                 check=check, heldout=heldout, anchor=anchor, slices=list(zip(bounds, bounds[1:])) if len(per_request) > 1 else [])
+
+
+def mixed(samples: list, seed: int) -> list:
+    """The retain samples in a seeded random order, the same on every rank. In folder order a step's
+    retain batch held one or two pictures' views, so a step guarded one person and a job passed over
+    each kept person a few times: a thicker retain folder kept the other people worse (RESULTS.md,
+    "Training batches in folder order"). Mixed, every step guards many people. (The forget samples
+    stay in folder order: mixing them too measured no better.)"""
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [samples[i] for i in order]
 
 
 def anchor_items(folder: str) -> list:
@@ -281,7 +292,8 @@ def first_run(loaded, params, sets: Sets, reference, settings: list, masks: dict
     anchors = anchors_for(loaded, params, first["retain"] + sets.anchor, max(c.anchor_weight for c in settings),
                           ranks.world)
     best = holdout.first_runs(loaded, params, settings, first_masks, everything(params), forget_batches,
-                              make_batches(loaded, first["retain"], cfg.batch_size), sets.heldout, before["heldout"],
+                              make_batches(loaded, mixed(first["retain"], cfg.seed), cfg.batch_size), sets.heldout,
+                              before["heldout"],
                               chance, cfg.select, log, ranks, anchors)
     if cfg.select or len(settings) > 1:
         chosen = settings[best["setting"]]
