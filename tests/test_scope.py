@@ -34,8 +34,10 @@ def pictures(tmp_path_factory):
     return read_folder(root / "f", "forget")
 
 
-def scored(family, k, items, perturb=0.0):
-    loaded = open_checkpoint(asset(family), torch.device("cpu"), scope=k)
+def scored(ckpt, k, items, perturb=0.0):
+    """The checkpoint opened with k tower layers to edit, its pictures cached, the masters (the tower
+    layers' perturbed by `perturb` x N(0, 1)) and the NLLs of the items under them."""
+    loaded = open_checkpoint(ckpt, torch.device("cpu"), scope=k)
     samples = cache_samples(loaded, items, "f")
     drop_vision_tower(loaded)
     params = master_params(loaded)
@@ -51,8 +53,8 @@ def test_edited_layers_from_their_cached_input_are_the_tower(family, k, pictures
     """Features cached at the first edited layer's input, run through the edited layers as functions of
     their masters, give the model's own NLLs; the masters are the stored tensors of exactly those layers;
     and they are live: changing them changes the answers."""
-    _, _, _, plain = scored(family, 0, pictures)
-    loaded, samples, params, scoped = scored(family, k, pictures)
+    _, _, _, plain = scored(asset(family), 0, pictures)
+    loaded, samples, params, scoped = scored(asset(family), k, pictures)
     torch.testing.assert_close(scoped, plain, rtol=1e-5, atol=1e-6)
     assert all(loaded.adapter.is_projector_name(n) for n in loaded.names.values())  # all in the edit's room
     stems = loaded.adapter.edited_stems
@@ -60,7 +62,7 @@ def test_edited_layers_from_their_cached_input_are_the_tower(family, k, pictures
     read = {"llava": 1, "qwen2_vl": 2}[family]  # the LLM reads LLaVA's layer -2 of 2, Qwen2-VL's last of 2
     assert [i for i, _ in loaded.adapter.edited] == list(range(read - k, read))
     assert samples[0].features.shape[0] == (17 if family == "llava" else 16)  # LLaVA: CLS kept for attention
-    *_, moved = scored(family, k, pictures, perturb=0.05)
+    *_, moved = scored(asset(family), k, pictures, perturb=0.05)
     assert not torch.allclose(moved, plain)
 
 
@@ -95,7 +97,7 @@ def test_byte_proof_allows_the_edited_layers_only_under_their_scope(tmp_path, fr
 
 
 def test_anchor_term_is_zero_at_the_original_and_relative(pictures):
-    loaded, samples, params, _ = scored("llava", 1, pictures)
+    loaded, samples, params, _ = scored(asset("llava"), 1, pictures)
     kept = anchor.pictures(samples)
     assert len(kept) == len({it.image for it in pictures})
     anchors = anchor.original_outputs(loaded, params, kept)

@@ -3,14 +3,12 @@ Aya Vision): CLIP or SigLIP layers read at one layer, run on every tile of a pic
 import pytest
 import torch
 
-from fastunlearn.batches import make_batches
 from fastunlearn.data import read_folder
-from fastunlearn.features import cache_samples, drop_vision_tower
-from fastunlearn.forward import score
-from fastunlearn.load import master_params, open_checkpoint
+from fastunlearn.load import open_checkpoint
 from fastunlearn.worlds import people as world
 
 import tiny_families as tf
+from test_scope import scored
 
 FAMILIES = ["llava_next", "llava_onevision", "llava_next_video", "aya_vision"]
 
@@ -28,24 +26,12 @@ def checkpoint(request, tmp_path_factory):
     return tf.save(*tf.FAMILIES[request.param](), tmp_path_factory.mktemp(request.param))
 
 
-def scored(ckpt, k, items, perturb=0.0):
-    loaded = open_checkpoint(ckpt, torch.device("cpu"), scope=k)
-    samples = cache_samples(loaded, items, "f")
-    drop_vision_tower(loaded)
-    params = master_params(loaded)
-    gen = torch.Generator().manual_seed(1)
-    for key in params:
-        if key.startswith("tower."):
-            params[key] += perturb * torch.randn(params[key].shape, generator=gen)
-    return loaded, samples, score(loaded, params, make_batches(loaded, samples, 8))["nll"]
-
-
 def test_tiles_through_the_edited_layers_are_the_tower(checkpoint, pictures):
     """Every tile's input to the edited layer, cached and run through that layer as a function of its
     master, then the select strategy and the connector, gives the model's own NLLs; the edited layer is
     the last one the LLM reads; perturbing it moves the answers."""
-    _, plain_samples, plain = scored(checkpoint, 0, pictures)
-    loaded, samples, scoped = scored(checkpoint, 1, pictures)
+    _, plain_samples, _, plain = scored(checkpoint, 0, pictures)
+    loaded, samples, _, scoped = scored(checkpoint, 1, pictures)
     torch.testing.assert_close(scoped, plain, rtol=1e-5, atol=1e-6)
     config = loaded.model.config
     read = config.vision_feature_layer % (config.vision_config.num_hidden_layers + 1)
