@@ -361,9 +361,9 @@ def goal_table(rows: list[dict], variant: str) -> str:
     back within 40), and in how many (world, model, forget size, seed) the variant needed fewer than the
     default."""
     runs = [r for r in rows if r["variant"] == variant]
-    default = {(r["world"], r["model"], r["forget_people"], r["seed"]): r.get("relearn", "-") for r in rows
-               if r["variant"] == "default"}
+    draw = lambda r: (r["world"], r["model"], r["forget_people"], r["seed"])
     steps = lambda x: 41 if x is None else x  # None: not within 40 steps
+    default = {draw(r): steps(r["relearn"]) for r in rows if r["variant"] == "default" and "relearn" in r}
     lines = [f"| {variant} | target, clip worlds | measured, clip worlds | target, other worlds | measured, other worlds |",
              "|---|---|---|---|---|"]
     cells = {"forget exact": [], "forget MC": [], "retain drop": [], "twin drop": [], "text answers": [], "relearning": []}
@@ -376,8 +376,7 @@ def goal_table(rows: list[dict], variant: str) -> str:
             continue
         twins = [r["twin_drop"] for r in group if r["twin_drop"] is not None]
         probed = [r for r in group if "relearn" in r]
-        fewer = [r for r in probed if default.get((r["world"], r["model"], r["forget_people"], r["seed"]), "-") != "-"
-                 and steps(r["relearn"]) < steps(default[(r["world"], r["model"], r["forget_people"], r["seed"])])]
+        fewer = [r for r in probed if draw(r) in default and steps(r["relearn"]) < default[draw(r)]]
         cells["forget exact"] += ["<= chance + 5", f"chance + {max(r['forget_exact'] - 100 * r['chance'] for r in group):.0f}"]
         cells["forget MC"] += [f"<= {25 + goal['mc']}%", f"{max(r['forget_mc'] for r in group):.0f}%"]
         cells["retain drop"] += [f"<= {goal['retain']}", f"{max(r['retain_drop'] for r in group):.1f}"]

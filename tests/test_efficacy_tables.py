@@ -1,0 +1,33 @@
+"""benchmarks/efficacy.py's goal table: each target beside the worst run, clip-recipe worlds apart."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from efficacy import goal_table  # noqa: E402
+
+
+def row(variant, world, seed, exact, mc, retain, twin=None, relearn="absent", text=0.0):
+    r = dict(variant=variant, world=world, model="llava", forget_people=1, seed=seed, chance=0.05,
+             forget_exact=exact, forget_mc=mc, retain_drop=retain, twin_drop=twin, text_dnll=text)
+    if relearn != "absent":
+        r["relearn"] = relearn
+    return r
+
+
+def test_goal_table_takes_the_worst_run_per_world_kind_and_compares_relearning():
+    rows = [row("default", "clip-recipe", 0, 5, 30, 2.0, relearn=None),
+            row("default", "bench", 0, 10, 40, 9.0, relearn=20),
+            row("v", "clip-recipe", 0, 15, 60, 1.0, relearn=12),
+            row("v", "clip-lookalike", 1, 0, 20, 7.5, twin=40.0),
+            row("v", "bench", 0, 40, 90, 3.0, relearn=30, text=1e-3)]
+    lines = goal_table(rows, "v").splitlines()
+    cells = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:] for line in lines[2:]}
+    assert cells["forget exact"] == ["<= chance + 5", "chance + 10", "<= chance + 5", "chance + 35"]
+    assert cells["forget MC"] == ["<= 35%", "60%", "<= 40%", "90%"]
+    assert cells["retain drop"] == ["<= 1", "7.5", "<= 12", "3.0"]
+    assert cells["twin drop"][1] == "40.0" and cells["twin drop"][3] == "-"
+    assert cells["text answers"][1] == "bit-identical in 2 of 2 runs"
+    assert cells["text answers"][3] == "bit-identical in 0 of 1 runs"
+    # 12 steps against the default's "not within 40": fewer; 30 against 20: not fewer
+    assert cells["relearning"][1] == "min 12; fewer than the default in 1 of 1"
+    assert cells["relearning"][3] == "min 30; fewer than the default in 0 of 1"
