@@ -37,6 +37,7 @@ class TowerStack:
     path: str  # attribute path of the stack in `model.model`, also the stem of its stored tensor names
     layers: torch.nn.ModuleList
     read: int  # how many of its layers the features the LLM reads pass through (from the first)
+    after: torch.nn.Module | None = None  # frozen, between the layer read and the connector (SigLIP's post-LayerNorm)
 
 
 def edited_layers(stack: TowerStack, k: int, family: str) -> list[int]:
@@ -80,4 +81,5 @@ def open_scope(adapter, model, k: int) -> dict[str, tuple[torch.nn.Parameter, st
     indices = edited_layers(stack, k, adapter.family)
     adapter.edited = tuple((i, stack.layers[i]) for i in indices)
     adapter.edited_stems = allowed_stems(stack, indices)
+    adapter.tower_after = stack.after
     return tower_parameters(stack, indices)

@@ -9,7 +9,7 @@ frozen LLM, embeddings, lm_head) is shared. Adding a family = one new module wit
 from __future__ import annotations
 
 from ..errors import UserError
-from .base import Adapter, Encoded  # noqa: F401 - the package's interface
+from .base import Adapter, Encoded, without_vision_model  # noqa: F401 - the package's interface
 
 
 def all_adapters() -> list[Adapter]:
@@ -70,6 +70,8 @@ def stored_names(stems: dict[str, str], stored: list[str]) -> dict[str, str]:
     mapping = {}
     for key, full in stems.items():
         hits = [s for s in stored if s == full or s.endswith("." + full)]
+        if not hits:  # transformers 5 drops CLIP's and SigLIP's `vision_model.` level; Hub files still have it
+            hits = [s for s in stored if without_vision_model(s) == full or without_vision_model(s).endswith("." + full)]
         if len(hits) != 1:
             what = "no stored tensor" if not hits else f"several stored tensors ({', '.join(hits)})"
             raise UserError(f"parameter {full!r}: {what} in the checkpoint; is config.json right?")

@@ -25,6 +25,7 @@ class Adapter:
     # and the stems of their stored names
     edited: tuple = ()
     edited_stems: tuple[str, ...] = ()
+    tower_after = None  # the stack's `after` module, kept too
 
     # -- loading
     def load_processor(self, ckpt: Path):
@@ -108,7 +109,8 @@ class Adapter:
         """Is a stored tensor part of the edit's room: the connector, or an edited tower layer (in either
         Hub layout: `X` or `model.X`)?"""
         stems = self.connector_paths() + self.edited_stems
-        return any(stored_name.startswith(p) or ("." + p) in stored_name for p in stems)
+        names = (stored_name, without_vision_model(stored_name))
+        return any(n.startswith(p) or ("." + p) in n for n in names for p in stems)
 
     def connector_paths(self) -> tuple[str, ...]:
         """Stored-name stems of the connector's tensors (default: the projector prefix)."""
@@ -180,3 +182,9 @@ class Adapter:
     def generate_inputs(self, model, input_ids, pixel: dict | None) -> dict:
         """Keyword arguments for `model.generate` on one prompt."""
         raise NotImplementedError
+
+
+def without_vision_model(name: str) -> str:
+    """A stored name without CLIP's or SigLIP's `vision_model.` level, which transformers 5 drops in
+    memory (so the edited layers' stems lack it) while Hub files keep it."""
+    return name.replace(".vision_model.", ".")

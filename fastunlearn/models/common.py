@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..scope import TOWER
+from ..scope import TOWER, TowerStack, run_layers
 from .base import Adapter
 
 
@@ -33,6 +34,24 @@ def call(module: nn.Module, params: dict[str, torch.Tensor], prefix: str, *args,
     edited tower layers' `tower.*` entries are not the connector's)."""
     own = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix) and not k.startswith(TOWER)}
     return torch.func.functional_call(module, own, args, kwargs)
+
+
+def siglip_stack(model) -> TowerStack:
+    """SigLIP's encoder layers where the LLM reads the tower's last hidden state (PaliGemma, Gemma 3):
+    its features pass through every layer, then the post-LayerNorm, which stays as stored."""
+    tower = model.model.vision_tower
+    inner = "vision_model." if hasattr(tower, "vision_model") else ""
+    vision = getattr(tower, "vision_model", tower)
+    return TowerStack(f"vision_tower.{inner}encoder.layers", vision.encoder.layers, len(vision.encoder.layers),
+                      after=vision.post_layernorm)
+
+
+def siglip_layers(adapter, params, hidden: torch.Tensor) -> torch.Tensor:
+    """The edited layers on their cached input [crops, tokens, width], then the post-LayerNorm (in the
+    masters' precision): the connector's input."""
+    hidden = run_layers(adapter.edited, params, hidden, attention_mask=None)
+    norm = adapter.tower_after
+    return F.layer_norm(hidden, norm.normalized_shape, norm.weight.to(hidden.dtype), norm.bias.to(hidden.dtype), norm.eps)
 
 
 class _Captured(Exception):

@@ -5,10 +5,11 @@ Connector: `multi_modal_projector.mm_input_projection_weight` (stored [vision, t
 parameter, not an nn.Linear) and `multi_modal_projector.mm_soft_emb_norm.weight`. Features: SigLIP's
 last hidden state per crop. The chat template writes `<start_of_image>`, which Gemma3Processor
 expands to `<start_of_image>` + soft tokens + `<end_of_image>`; `token_type_ids` (1 on the soft
-tokens) give the bidirectional attention inside each picture, as the processor's output does."""
+tokens) give the bidirectional attention inside each picture, as the processor's output does.
+`--scope vision:K`: the last K of SigLIP's layers on every crop, then its post-LayerNorm as stored."""
 from __future__ import annotations
 
-from .common import ProcessorAdapter, call
+from .common import ProcessorAdapter, call, siglip_layers, siglip_stack
 
 
 class Gemma3Adapter(ProcessorAdapter):
@@ -27,9 +28,14 @@ class Gemma3Adapter(ProcessorAdapter):
                     if getattr(image_processor, k, None) is None}
         return dict(image_processor(images=[image], return_tensors="pt", **defaults))
 
+    def tower_stack(self, model):
+        return siglip_stack(model)
+
     def project_one(self, model, module, params, features, grid):
         vision = model.config.vision_config
         crops = features.view(-1, (vision.image_size // vision.patch_size) ** 2, features.shape[-1])
+        if self.edited:
+            crops = siglip_layers(self, params, crops)
         out = call(module, params, "", crops)
         return out.reshape(-1, out.shape[-1])
 

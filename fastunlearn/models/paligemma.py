@@ -3,12 +3,13 @@
 Connector: `multi_modal_projector.linear.{weight,bias}`. Prompts as PaliGemmaProcessor builds them
 (no chat template): `<image>` x image_seq_length, then bos, the question and a newline; the answer
 follows. `token_type_ids` mark the prefix (0: picture and question, attended bidirectionally) and
-the answer (1: causal), as the processor's suffix does; positions are 1-indexed by the model."""
+the answer (1: causal), as the processor's suffix does; positions are 1-indexed by the model.
+`--scope vision:K`: the last K of SigLIP's layers, then its post-LayerNorm as stored."""
 from __future__ import annotations
 
 import torch
 
-from .common import ProcessorAdapter
+from .common import ProcessorAdapter, siglip_layers, siglip_stack
 
 
 class PaliGemmaAdapter(ProcessorAdapter):
@@ -18,6 +19,14 @@ class PaliGemmaAdapter(ProcessorAdapter):
     processor_module = "paligemma"
     pooler_output_tensor = True
     batch_views = True
+
+    def tower_stack(self, model):
+        return siglip_stack(model)
+
+    def project_one(self, model, module, params, features, grid):
+        if self.edited:
+            features = siglip_layers(self, params, features[None])[0]
+        return super().project_one(model, module, params, features, grid)
 
     def prompt(self, processor, question, with_image):
         bos = processor.tokenizer.bos_token or ""
