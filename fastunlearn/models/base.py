@@ -188,3 +188,11 @@ def without_vision_model(name: str) -> str:
     """A stored name without CLIP's or SigLIP's `vision_model.` level, which transformers 5 drops in
     memory (so the edited layers' stems lack it) while Hub files keep it."""
     return name.replace(".vision_model.", ".")
+
+
+def clip_like_tower(model) -> tuple[str, torch.nn.Module]:
+    """The stem of a CLIP- or SigLIP-style tower's encoder layers (`vision_tower[.vision_model].encoder.layers`,
+    as this transformers version holds them) and the module that has `encoder`."""
+    tower = model.model.vision_tower
+    inner = "vision_model." if hasattr(tower, "vision_model") else ""
+    return f"vision_tower.{inner}encoder.layers", getattr(tower, "vision_model", tower)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..scope import TOWER, TowerStack, run_layers
-from .base import Adapter
+from .base import Adapter, clip_like_tower
 
 
 class Connector(nn.Module):
@@ -39,11 +39,8 @@ def call(module: nn.Module, params: dict[str, torch.Tensor], prefix: str, *args,
 def siglip_stack(model) -> TowerStack:
     """SigLIP's encoder layers where the LLM reads the tower's last hidden state (PaliGemma, Gemma 3):
     its features pass through every layer, then the post-LayerNorm, which stays as stored."""
-    tower = model.model.vision_tower
-    inner = "vision_model." if hasattr(tower, "vision_model") else ""
-    vision = getattr(tower, "vision_model", tower)
-    return TowerStack(f"vision_tower.{inner}encoder.layers", vision.encoder.layers, len(vision.encoder.layers),
-                      after=vision.post_layernorm)
+    path, vision = clip_like_tower(model)
+    return TowerStack(path, vision.encoder.layers, len(vision.encoder.layers), after=vision.post_layernorm)
 
 
 def siglip_layers(adapter, params, hidden: torch.Tensor) -> torch.Tensor:

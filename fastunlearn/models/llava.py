@@ -12,7 +12,7 @@ from transformers import AutoProcessor
 from ..errors import UserError
 from ..kernels.projector import projector_mlp
 from ..scope import TowerStack, run_layers
-from .base import Adapter
+from .base import Adapter, clip_like_tower
 
 
 class LlavaAdapter(Adapter):
@@ -92,10 +92,8 @@ class LlavaAdapter(Adapter):
 def clip_stack(model) -> TowerStack:
     """The encoder layers of a CLIP- or SigLIP-style tower (`vision_tower[.vision_model].encoder.layers`)
     that the LLM reads at one layer, `vision_feature_layer`."""
-    tower = model.model.vision_tower
-    inner = "vision_model." if hasattr(tower, "vision_model") else ""
-    layers = getattr(getattr(tower, "vision_model", tower), "encoder", None)
-    layers = getattr(layers, "layers", None)
+    path, vision = clip_like_tower(model)
+    layers = getattr(getattr(vision, "encoder", None), "layers", None)
     config = model.config
     read = getattr(config, "vision_feature_layer", getattr(config, "vision_feature_layers", None))  # VipLLaVA: a list
     if not isinstance(layers, torch.nn.ModuleList):
@@ -104,7 +102,7 @@ def clip_stack(model) -> TowerStack:
     if not isinstance(read, int):
         raise UserError(f"--scope vision:K: this checkpoint's connector reads several tower layers ({read!r}), so "
                         "there are no last K layers its features pass through; use --scope connector")
-    return TowerStack(f"vision_tower.{inner}encoder.layers", layers, read % (len(layers) + 1))
+    return TowerStack(path, layers, read % (len(layers) + 1))
 
 
 def clip_layers(model, edited, params, hidden: torch.Tensor) -> torch.Tensor:
