@@ -40,6 +40,15 @@ class TowerStack:
     after: torch.nn.Module | None = None  # frozen, between the layer read and the connector (SigLIP's post-LayerNorm)
 
 
+def layers_read(read, layers: int) -> int:
+    """How many of a tower's `layers` the features pass through when the connector reads its hidden state
+    `read` (transformers' `vision_feature_layer`: 0 the embeddings, -1 the last layer's output)."""
+    if not isinstance(read, int):
+        raise UserError(f"--scope vision:K: this checkpoint's connector reads several tower layers ({read!r}), so "
+                        "there are no last K layers its features pass through; use --scope connector")
+    return read % (layers + 1)
+
+
 def edited_layers(stack: TowerStack, k: int, family: str) -> list[int]:
     """Indices of the last `k` layers the LLM's features pass through."""
     if k > stack.read:

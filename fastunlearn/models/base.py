@@ -119,7 +119,7 @@ class Adapter:
     # -- model pieces
     def tower_stack(self, model):
         """The vision tower's plain stack of layers, for `--scope vision:K` (a scope.TowerStack)."""
-        raise UserError(f"--scope vision:K: not available for {self.family} checkpoints yet (fastunlearn runs their "
+        raise UserError(f"--scope vision:K: not available for {self.family} checkpoints (fastunlearn runs their "
                         "tower only through the family's own code); use --scope connector")
 
     def logit_scale(self, model) -> float:
@@ -192,7 +192,9 @@ def without_vision_model(name: str) -> str:
 
 def clip_like_tower(model) -> tuple[str, torch.nn.Module]:
     """The stem of a CLIP- or SigLIP-style tower's encoder layers (`vision_tower[.vision_model].encoder.layers`,
-    as this transformers version holds them) and the module that has `encoder`."""
-    tower = model.model.vision_tower
+    as this transformers version holds them; Idefics' `vision_model.encoder.layers`) and the module that has
+    `encoder`."""
+    attr = "vision_tower" if getattr(model.model, "vision_tower", None) is not None else "vision_model"
+    tower = getattr(model.model, attr)
     inner = "vision_model." if hasattr(tower, "vision_model") else ""
-    return f"vision_tower.{inner}encoder.layers", getattr(tower, "vision_model", tower)
+    return f"{attr}.{inner}encoder.layers", getattr(tower, "vision_model", tower)

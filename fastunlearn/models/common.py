@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
@@ -37,18 +36,36 @@ def call(module: nn.Module, params: dict[str, torch.Tensor], prefix: str, *args,
 
 
 def siglip_stack(model) -> TowerStack:
-    """SigLIP's encoder layers where the LLM reads the tower's last hidden state (PaliGemma, Gemma 3):
+    """SigLIP's encoder layers where the LLM reads the tower's last hidden state (PaliGemma, Gemma 3, Idefics):
     its features pass through every layer, then the post-LayerNorm, which stays as stored."""
     path, vision = clip_like_tower(model)
     return TowerStack(path, vision.encoder.layers, len(vision.encoder.layers), after=vision.post_layernorm)
 
 
 def siglip_layers(adapter, params, hidden: torch.Tensor) -> torch.Tensor:
-    """The edited layers on their cached input [crops, tokens, width], then the post-LayerNorm (in the
-    masters' precision): the connector's input."""
-    hidden = run_layers(adapter.edited, params, hidden, attention_mask=None)
-    norm = adapter.tower_after
-    return F.layer_norm(hidden, norm.normalized_shape, norm.weight.to(hidden.dtype), norm.bias.to(hidden.dtype), norm.eps)
+    """The edited layers on their cached input [crops, tokens, width], then the post-LayerNorm: the
+    connector's input."""
+    return after_tower(adapter, run_layers(adapter.edited, params, hidden, attention_mask=None))
+
+
+def after_tower(adapter, hidden: torch.Tensor) -> torch.Tensor:
+    """The stack's frozen norm after the layer read (`TowerStack.after`; none for most)."""
+    return hidden if adapter.tower_after is None else frozen(adapter.tower_after, hidden)
+
+
+def frozen(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` with its stored parameters in x's precision (the masters')."""
+    return torch.func.functional_call(module, {n: p.to(x.dtype) for n, p in module.named_parameters()}, (x,))
+
+
+def rotary_split(features: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden, cos, sin) of an edited layer's cached input, [hidden | cos | sin] on the feature axis."""
+    return features[..., :width], *features[..., width:].chunk(2, dim=-1)
+
+
+def attends_everywhere(mask) -> bool:
+    """Does this attention mask (None, boolean, or additive) let every token attend to every other?"""
+    return mask is None or bool(mask.all() if mask.dtype == torch.bool else (mask == 0).all())
 
 
 class _Captured(Exception):
@@ -184,7 +201,8 @@ class ProcessorAdapter(Adapter):
     @torch.no_grad()
     def vision_features(self, model, pixel):
         """The connector's input while the family's own `get_image_features` runs, [rows, features]; with
-        edited tower layers (`tower_stack`), the first one's input instead, every token of every tile."""
+        edited tower layers (`tower_stack`), the first one's input instead, every token of every tile, and
+        its rotary cos and sin beside it where it takes them."""
         captured = {}
 
         def hook(module, args, kwargs):
@@ -202,8 +220,14 @@ class ProcessorAdapter(Adapter):
         if "args" not in captured:
             raise UserError("the vision tower's output never reached the connector")
         if self.edited:
-            x = captured["args"][0] if captured["args"] else captured["kwargs"]["hidden_states"]
-            return x.reshape(-1, x.shape[-1])
+            args, kwargs = captured["args"], captured["kwargs"]
+            x = args[0] if args else kwargs["hidden_states"]
+            if not attends_everywhere(args[1] if len(args) > 1 else kwargs.get("attention_mask")):
+                # the edited layers run unmasked: every token of every tile must be real
+                raise UserError("--scope vision:K: this picture's tiles hold padding, which the edited tower layers would "
+                                "attend to; use --scope connector, or pictures the processor does not pad")
+            rotary = kwargs.get("position_embeddings") or ()  # (cos, sin), one row per token
+            return torch.cat([x.reshape(-1, x.shape[-1]), *(r.reshape(len(r), -1) for r in rotary)], dim=-1)
         x = captured["args"][0] if captured["args"] else next(iter(captured["kwargs"].values()))
         return self.features_of(x, captured["kwargs"])
 

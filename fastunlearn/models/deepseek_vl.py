@@ -5,10 +5,10 @@ Connector: `model.aligner.linear{1,2}.{weight,bias}` (`aligner.*` in the older l
 tower's last hidden state. Placeholders as DeepseekVLProcessor writes them: num_image_tokens
 copies of the image token. DeepSeek-VL2 and the original repos are remote code: refused by
 model_type; DeepSeek-VL hybrid ("deepseek_vl_hybrid", with a second high-resolution tower) is not
-covered."""
+covered. `--scope vision:K`: the last K of SigLIP's layers, then its post-LayerNorm as stored."""
 from __future__ import annotations
 
-from .common import ProcessorAdapter
+from .common import ProcessorAdapter, siglip_layers, siglip_stack
 
 
 class DeepseekVLAdapter(ProcessorAdapter):
@@ -20,3 +20,11 @@ class DeepseekVLAdapter(ProcessorAdapter):
     projector_prefix = "aligner."
     pooler_output_tensor = True
     batch_views = True
+
+    def tower_stack(self, model):
+        return siglip_stack(model)
+
+    def project_one(self, model, module, params, features, grid):
+        if self.edited:
+            features = siglip_layers(self, params, features[None])[0]
+        return super().project_one(model, module, params, features, grid)

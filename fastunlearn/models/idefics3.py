@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .common import ProcessorAdapter, call
+from .common import ProcessorAdapter, call, siglip_layers, siglip_stack
 
 
 class Idefics3Adapter(ProcessorAdapter):
@@ -35,9 +35,14 @@ class Idefics3Adapter(ProcessorAdapter):
         vision = config.vision_config
         return {"image_seq_len": (vision.image_size // vision.patch_size) ** 2 // config.scale_factor ** 2}
 
+    def tower_stack(self, model):
+        return siglip_stack(model)
+
     def project_one(self, model, module, params, features, grid):
         vision = model.config.vision_config
         sub_images = features.view(-1, (vision.image_size // vision.patch_size) ** 2, features.shape[-1])
+        if self.edited:
+            sub_images = siglip_layers(self, params, sub_images)
         out = call(module, params, "", sub_images)
         return out.reshape(-1, out.shape[-1])
 
@@ -106,8 +111,17 @@ class Idefics2Adapter(Idefics3Adapter):
         mask = kwargs["attention_mask"].reshape(-1, 1).to(x.dtype)
         return torch.cat([x.reshape(-1, x.shape[-1]), mask], dim=-1)
 
+    def vision_features(self, model, pixel):
+        x = super().vision_features(model, pixel)
+        if self.edited:  # the first edited layer's input, every patch real (else refused): a column of ones
+            x = torch.cat([x, x.new_ones(len(x), 1)], dim=-1)
+        return x
+
     def project_one(self, model, module, params, features, grid):
         vision = model.config.vision_config
         sub_images = features.view(-1, (vision.image_size // vision.patch_size) ** 2, features.shape[-1])
-        out = call(module, params, "", sub_images[..., :-1], attention_mask=sub_images[..., -1].bool())
+        hidden = sub_images[..., :-1]
+        if self.edited:
+            hidden = siglip_layers(self, params, hidden)
+        out = call(module, params, "", hidden, attention_mask=sub_images[..., -1].bool())
         return out.reshape(-1, out.shape[-1])

@@ -11,7 +11,7 @@ from transformers import AutoProcessor
 
 from ..errors import UserError
 from ..kernels.projector import projector_mlp
-from ..scope import TowerStack, run_layers
+from ..scope import TowerStack, layers_read, run_layers
 from .base import Adapter, clip_like_tower
 
 
@@ -99,10 +99,7 @@ def clip_stack(model) -> TowerStack:
     if not isinstance(layers, torch.nn.ModuleList):
         raise UserError("--scope vision:K: needs a CLIP-style tower (encoder.layers), and this checkpoint's has "
                         "none; use --scope connector")
-    if not isinstance(read, int):
-        raise UserError(f"--scope vision:K: this checkpoint's connector reads several tower layers ({read!r}), so "
-                        "there are no last K layers its features pass through; use --scope connector")
-    return TowerStack(path, layers, read % (len(layers) + 1))
+    return TowerStack(path, layers, layers_read(read, len(layers)))
 
 
 def clip_layers(model, edited, params, hidden: torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,14 @@ hidden states, [patches, features], run through the family's own projector modul
 picture's `image_sizes`. Placeholders as PixtralProcessor writes them: per row of merged patches,
 `[IMG]` per patch then `[IMG_BREAK]`, the last one `[IMG_END]`; only `[IMG]` receives tokens.
 PixtralProcessor needs torchvision, so its expansion (below, the same rule) is done here from the
-checkpoint's processor_config.json."""
+checkpoint's processor_config.json. `--scope vision:K`: the last K Pixtral layers the LLM reads, on the
+first one's cached input and rotary cos and sin (one picture attends to itself only)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from .common import ProcessorAdapter, call
+from ..scope import TowerStack, layers_read, run_layers
+from .common import ProcessorAdapter, call, rotary_split
 
 
 class PixtralText(SimpleNamespace):
@@ -47,5 +49,12 @@ class Mistral3Adapter(ProcessorAdapter):
         """[IMG] tokens per picture follow from the tower's patch size and the merger's spatial_merge_size."""
         return {"patch_size": config.vision_config.patch_size, "spatial_merge_size": config.spatial_merge_size}
 
+    def tower_stack(self, model):
+        layers = model.model.vision_tower.transformer.layers
+        return TowerStack("vision_tower.transformer.layers", layers, layers_read(model.config.vision_feature_layer, len(layers)))
+
     def project_one(self, model, module, params, features, grid):
+        if self.edited:
+            hidden, cos, sin = rotary_split(features, model.config.vision_config.hidden_size)
+            features = run_layers(self.edited, params, hidden[None], attention_mask=None, position_embeddings=(cos, sin))[0]
         return call(module, params, "", features, grid["image_sizes"])

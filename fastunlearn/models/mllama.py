@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
 from .common import ProcessorAdapter, call
 
 
@@ -37,6 +38,11 @@ class MllamaAdapter(ProcessorAdapter):
         if isinstance(model.model.vision_model, torch.nn.Module):
             del model.model.vision_model
             model.model.vision_model = _Tower(self.patches(model))
+
+    def tower_stack(self, model):
+        raise UserError("--scope vision:K: an mllama connector reads several tower layers (the local encoder's "
+                        "intermediate layers beside the global encoder's output), so there are no last K layers its "
+                        "features pass through; use --scope connector")
 
     @torch.no_grad()
     def vision_features(self, model, pixel):

@@ -20,7 +20,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from ..kernels.projector import projector_mlp
 from ..scope import TowerStack, run_layers
 from .base import Adapter
-from .common import _Captured
+from .common import _Captured, rotary_split
 
 
 class Qwen2VLAdapter(Adapter):
@@ -73,12 +73,13 @@ class Qwen2VLAdapter(Adapter):
         blocks = model.model.visual.blocks
         return TowerStack("visual.blocks", blocks, len(blocks))
 
-    def tower_outputs(self, model, params, features):
-        """The edited blocks on the batch's pictures (packed, each attending within itself)."""
+    def tower_outputs(self, model, params, features, grids):
+        """The edited blocks on the batch's pictures (packed, each attending within itself; the grids are not
+        needed)."""
         width = model.config.vision_config.embed_dim
         lengths = [len(f) for f in features]
         packed = torch.cat(features)
-        hidden, cos, sin = packed[:, :width], *packed[:, width:].chunk(2, dim=-1)
+        hidden, cos, sin = rotary_split(packed, width)
         bounds = torch.tensor([0, *lengths], device=packed.device).cumsum(0).to(torch.int32)
         out = run_layers(self.edited, params, hidden, cu_seqlens=bounds, max_seqlen=max(lengths),
                          position_embeddings=(cos, sin))
@@ -86,7 +87,7 @@ class Qwen2VLAdapter(Adapter):
 
     def project_images(self, model, params, features, grids):
         if self.edited:
-            features = self.tower_outputs(model, params, features)
+            features = self.tower_outputs(model, params, features, grids)
         # merge group by merge group: one merger call for the whole batch
         merge = model.config.vision_config.spatial_merge_size ** 2
         return list(self.project(params, torch.cat(features)).split([len(f) // merge for f in features]))
