@@ -47,6 +47,12 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--anchor-weight", type=float, default=d.anchor_weight, metavar="W",
                    help=f"weight of the anchor term: the relative distance of the edited visual tokens from the "
                    f"original's on the anchor and retain pictures (default {d.anchor_weight}; 0 turns it off)")
+    p.add_argument("--other-answers", type=int, default=d.other_answers, metavar="M",
+                   help="per forget picture and question, M other answers the folders give to the question: NPO again, "
+                   "until the forgotten answer is no more likely than theirs on that picture (default "
+                   f"{d.other_answers}: off; forgets more, keeps others less: see the README's trade-offs)")
+    p.add_argument("--other-beta", type=float, default=d.other_beta, metavar="B",
+                   help=f"beta of that term (default {d.other_beta}: its pressure stops near parity)")
     p.add_argument("--shard-llm", action="store_true",
                    help="under torchrun: shard the frozen LLM's decoder layers over the ranks (FSDP2), for models "
                    "too big for one device; the projector stays replicated")
@@ -59,7 +65,8 @@ def _config(args):
                   mask=args.mask, mask_threshold=args.mask_threshold, views=args.views, batch_size=args.batch_size, device=args.device,
                   seed=args.seed, holdout=not args.no_holdout, select=args.select_step, search=args.search,
                   shard_llm=args.shard_llm, scope=args.scope, anchor_weight=args.anchor_weight,
-                  anchor_dir=str(args.anchor) if args.anchor else None)
+                  anchor_dir=str(args.anchor) if args.anchor else None, other_answers=args.other_answers,
+                  other_beta=args.other_beta)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -35,6 +35,8 @@ class Config:
     scope: str = "connector"  # the edit's room: connector | vision:K (the tower's last K layers too, scope.py)
     anchor_weight: float = 0.0  # the anchor term's weight (anchor.py): visual tokens of retain and anchor pictures
     anchor_dir: str | None = None  # pictures that only anchor (no questions)
+    other_answers: int = 0  # per forget sequence, other people's answers whose likelihood is a second NPO reference
+    other_beta: float = 4.0  # that term's beta: large, so its pressure stops near parity (optimise.other_reference)
 
     def check(self):
         if self.method not in METHODS:
@@ -49,6 +51,8 @@ class Config:
         if self.lr <= 0 or self.beta <= 0:
             raise UserError("--lr and --beta must be positive")
         tower_layers(self.scope)
+        if self.other_answers < 0 or self.other_beta <= 0:
+            raise UserError("--other-answers must be 0 or more and --other-beta positive")
         if self.anchor_weight < 0:
             raise UserError("--anchor-weight must be 0 or more")
         if self.anchor_dir is not None and not self.anchor_weight:

@@ -86,7 +86,7 @@ def describe_setting(cfg) -> str:
 
 
 def first_runs(loaded, original, settings, masks, everything, forget_batches, retain_batches, heldout,
-               heldout_before, chance, select, log, ranks=ONE_PROCESS, anchors=None) -> dict:
+               heldout_before, chance, select, log, ranks=ONE_PROCESS, anchors=None, others=None) -> dict:
     """Each setting from the original projector, on the pictures not held out (`masks`: taken on them too),
     scored on the held-out ones at its last step (and every tenth of its steps when `select`); returns the
     best (rank_key): setting index, step, projector, and the trace of every score."""
@@ -107,5 +107,5 @@ def first_runs(loaded, original, settings, masks, everything, forget_batches, re
 
         trial = {n: p.detach().clone() for n, p in original.items()}
         optimise(loaded, trial, mask, forget_batches, retain_batches, setting, log, checkpoint,
-                 eval_every(setting.steps) if select else setting.steps, ranks, anchors)
+                 eval_every(setting.steps) if select else setting.steps, ranks, anchors, others)
     return best

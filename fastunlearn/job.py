@@ -28,7 +28,7 @@ from .config import Config, pick_device, seed_everything, trim_heap
 from .data import first_question_only, forget_folders, read_folder
 from .delta import tensor_changes
 from .errors import UserError
-from .features import RemoteSample, cache_samples, drop_vision_tower, fill_answers
+from .features import RemoteSample, cache_samples, drop_vision_tower, fill_answers, other_answer_samples
 from .forward import score, summarize
 from .load import compute_dtype, master_params, open_checkpoint
 from .mask import fisher_diagonal, saliency_mask
@@ -81,6 +81,7 @@ class Sets:
     check: dict  # batches of one more view of every picture, never trained on (targets.py)
     heldout: dict  # batches of the held-out pictures (view 0)
     anchor: list  # the --anchor folder's pictures and views (anchor.py), no questions
+    others: dict  # id(forget sample) -> that picture and question with other people's answers (--other-answers)
     slices: list  # each request's [start, end) among eval["forget"]'s sequences, when there are several
 
     @property
@@ -128,7 +129,7 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     params = {n: p.detach().clone() for n, p in params.items()}
     anchors = anchors_for(loaded, params, sets.samples["retain"] + sets.anchor, chosen.anchor_weight, ranks.world)
     losses = optimise(loaded, params, mask, sets.train["forget"], sets.train["retain"],
-                      replace(chosen, steps=best["step"]), log, ranks=ranks, anchors=anchors)
+                      replace(chosen, steps=best["step"]), log, ranks=ranks, anchors=anchors, others=sets.others)
     same_state = dist.same_state(params)  # rank 0's projector on every rank, checked
     phase("optimise")
 
@@ -195,6 +196,8 @@ def cache(loaded, requests: list, retain_items: list, held_images: set, cfg: Con
     check = {"forget": batches(samples(forget_items, "check", 0, cfg.views + 1)),
              "retain": batches(samples(retain_items, "check", 0, cfg.views + 1))}
     anchor = samples(anchor_items(cfg.anchor_dir), "anchor", cfg.views) if cfg.anchor_dir else []
+    others = (other_answer_samples(loaded, forget_items, train["forget"], cfg.views, forget_items + retain_items,
+                                   cfg.other_answers, cfg.seed) if cfg.other_answers else {})
     drop_vision_tower(loaded)
     compute_dtype(loaded, keep_embeddings=True)
     held = {"forget": holdout.sample_flags(forget_items, cfg.views, held_images),
@@ -207,7 +210,7 @@ def cache(loaded, requests: list, retain_items: list, held_images: set, cfg: Con
                                                  "retain": batches(mixed(train["retain"], cfg.seed))},
                 # metrics are measured on the pictures themselves, not on their augmented views
                 eval={role: batches([s for s in train[role] if s.view == 0]) for role in ROLES},
-                check=check, heldout=heldout, anchor=anchor, slices=list(zip(bounds, bounds[1:])) if len(per_request) > 1 else [])
+                check=check, heldout=heldout, anchor=anchor, others=others, slices=list(zip(bounds, bounds[1:])) if len(per_request) > 1 else [])
 
 
 def mixed(samples: list, seed: int) -> list:
@@ -294,7 +297,7 @@ def first_run(loaded, params, sets: Sets, reference, settings: list, masks: dict
     best = holdout.first_runs(loaded, params, settings, first_masks, everything(params), forget_batches,
                               make_batches(loaded, mixed(first["retain"], cfg.seed), cfg.batch_size), sets.heldout,
                               before["heldout"],
-                              chance, cfg.select, log, ranks, anchors)
+                              chance, cfg.select, log, ranks, anchors, sets.others)
     if cfg.select or len(settings) > 1:
         chosen = settings[best["setting"]]
         log(f"held-out pictures chose {holdout.describe_setting(chosen)}, stopped at step {best['step']} of {chosen.steps}")

@@ -2,6 +2,8 @@
 AdamW on the fp32 projector masters, only where the mask allows."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .anchor import Anchors, anchor_loss
@@ -9,7 +11,7 @@ from .batches import _batch
 from .config import Config, progress, trim_heap
 from .forward import sequence_nll
 from .kernels.masked_adamw import masked_adamw_
-from .objectives import forget_loss, retain_nll, uses_retain
+from .objectives import forget_loss, npo, retain_nll, uses_retain
 from .ranks import ONE_PROCESS, Ranks
 
 # Sequences per LLM pass within a step (forget and retain together, see `step_gradients`), by device
@@ -26,7 +28,8 @@ def pass_size(device: torch.device) -> int:
 
 
 def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, log, checkpoint=None,
-             every: int = 0, ranks: Ranks = ONE_PROCESS, anchors: Anchors | None = None) -> list[float]:
+             every: int = 0, ranks: Ranks = ONE_PROCESS, anchors: Anchors | None = None, others: dict | None = None
+             ) -> list[float]:
     """`cfg.steps` masked AdamW steps on `params` (in place); `checkpoint(step, params)` after every
     `every` steps and after the last, when given. Returns the loss of each step. Under torchrun every
     rank computes its share of each step's gradient and applies the sum. With `anchors` (anchor.py),
@@ -39,7 +42,9 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
     for step in bar:
         fb = forget_batches[step % len(forget_batches)]
         rb = retain_batches[step % len(retain_batches)] if use_retain else None
-        grads, loss_value = step_gradients(loaded, trainable, fb, rb, cfg, pass_size(loaded.device), ranks)
+        other_ref = (other_reference(loaded, trainable, fb, others, pass_size(loaded.device), cfg.other_answers, ranks)
+                     if others is not None and cfg.other_answers else None)
+        grads, loss_value = step_gradients(loaded, trainable, fb, rb, cfg, pass_size(loaded.device), ranks, other_ref)
         if anchors is not None and cfg.anchor_weight:  # no LLM pass: the connector on cached features
             term = cfg.anchor_weight * anchor_loss(loaded, trainable, anchors, step, cfg.batch_size)
             extra = torch.autograd.grad(term, list(trainable.values()), allow_unused=True)
@@ -64,10 +69,29 @@ def optimise(loaded, params, mask, forget_batches, retain_batches, cfg: Config, 
     return losses
 
 
-def step_gradients(loaded, trainable: dict, fb, rb, cfg: Config, per_pass: int, ranks: Ranks = ONE_PROCESS
-                   ) -> tuple[list, float]:
-    """This rank's share of the gradient and value of one step's loss, forget_loss(forget batch) +
-    retain_weight * retain_nll(retain batch), with its sequences of the step (forget, then retain)
+@torch.no_grad()
+def other_reference(loaded, params: dict, fb, others: dict, per_pass: int, per_sample: int,
+                    ranks: Ranks = ONE_PROCESS) -> torch.Tensor:
+    """Per forget sequence of the batch, the NLL of its other answers' mean probability under `params`,
+    -log mean_j exp(-nll_j) (inf where it has none): how likely another person's answer is on that picture.
+    With a sharded LLM, stand-ins make every rank's passes as many as the widest rank's."""
+    groups = [others.get(id(s), []) for s in fb.samples]
+    flat = [a for g in groups for a in g]
+    flat += ranks.stand_ins(len(flat), fb.widest * per_sample)
+    nll = torch.cat([sequence_nll(loaded, params, _batch(loaded, flat[k : k + per_pass]))
+                     for k in range(0, len(flat), per_pass)]).float().cpu() if flat else torch.zeros(0)
+    out, start = [], 0
+    for g in groups:
+        part = nll[start : start + len(g)]
+        out.append(math.log(len(g)) - torch.logsumexp(-part, 0) if g else torch.tensor(float("inf")))
+        start += len(g)
+    return torch.stack(out) if out else torch.zeros(0)
+
+
+def step_gradients(loaded, trainable: dict, fb, rb, cfg: Config, per_pass: int, ranks: Ranks = ONE_PROCESS,
+                   other_ref: torch.Tensor | None = None) -> tuple[list, float]:
+    """This rank's share of the gradient and value of one step's loss, forget_loss(forget batch) (+ NPO with
+    `other_ref`, the other answers' reference, as the reference) + retain_weight * retain_nll(retain batch), with its sequences of the step (forget, then retain)
     run through the frozen LLM `per_pass` at a time: one pass when it holds them all (fewer, larger
     matmuls), several to bound the activations held at once. Each term is a mean over the whole
     batch's sequences (forget) or answer tokens (retain), every rank's (`global_seqs`,
@@ -90,6 +114,11 @@ def step_gradients(loaded, trainable: dict, fb, rb, cfg: Config, per_pass: int, 
         if f:
             ref = fb.ref_nll[[part[j][1] for j in f]]
             loss = loss + forget_loss(cfg.method, nll[f], ref, batch.lengths[f], cfg.beta) * (len(f) / fb.global_seqs)
+            if other_ref is not None:  # NPO again, the other answers' NLL as the reference
+                other = other_ref[[part[j][1] for j in f]].to(nll.device)
+                has = torch.isfinite(other)
+                if has.any():
+                    loss = loss + npo(nll[f][has], other[has], cfg.other_beta) * (int(has.sum()) / fb.global_seqs)
         if r:
             share = batch.lengths[r].sum() / rb.global_tokens
             loss = loss + cfg.retain_weight * retain_nll(nll[r], batch.lengths[r]) * share

@@ -131,6 +131,25 @@ def test_torchrun_two_ranks_match_one_process(llm, variant, requests, single, tm
                  "--no-probes", "--max-forget-accuracy", "0.0"]) == 0
 
 
+def test_other_answers_on_a_sharded_llm_match_one_process(variant, requests, tmp_path):
+    """--other-answers runs the other answers through the LLM with no gradient, each rank its own pictures':
+    with a sharded LLM and batches of 3 pictures split 2 + 1 (a step's other answers: 6 on one rank, 3 on the
+    other), the projector is the single process's."""
+    src, extra = variant("llava"), ["--other-answers", "3", "--batch-size", "3"]
+    folders = [requests / "forget-a", requests / "forget-b"]
+    ref_out = tmp_path / "single"
+    apply(src, folders, requests / "retain", out=ref_out, config=Config(**{**CONFIG, "batch_size": 3}, other_answers=3))
+    out = tmp_path / "out"
+    rc, err, _, launcher_err = torchrun(["apply", src, *folders, "--retain", requests / "retain", "--out", out,
+                                         *OPTIONS, *extra, "--shard-llm"], tmp_path, "other")
+    assert rc == 0, (err, launcher_err)
+    report = json.loads((out / "unlearning_report.json").read_text())
+    assert report["config"]["other_answers"] == 3 and report["distributed"]["projector_identical_on_all_ranks"]
+    ours, theirs = projector(out), projector(ref_out)
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= TOLERANCE
+    assert any(not torch.equal(ours[k], plain) for k, plain in projector(src).items())
+
+
 @pytest.mark.parametrize("how", ["killed", "raises"])
 def test_rank_failing_mid_job_writes_nothing_and_a_rerun_works(how, variant, fresh, requests, tmp_path):
     """Rank 1 is SIGKILLed (or raises) as optimisation starts, in an in-place job: every rank stops
