@@ -101,6 +101,9 @@ VARIANTS = {
     # the anchor term on the retain pictures' visual tokens (anchor.py), alone and with the tower
     "anchor": {"anchor_weight": ANCHOR_WEIGHT},
     "vision:1 + anchor": {"scope": "vision:1", "anchor_weight": ANCHOR_WEIGHT},
+    "vision:1 + anchor 3": {"scope": "vision:1", "anchor_weight": 3.0},  # the anchor term weaker
+    # NPO a second time, other people's answers on the same picture as the reference (optimise.other_reference)
+    "other answers": {"other_answers": 3},
     # and on ANCHOR_PEOPLE pictures of strangers too (--anchor DIR)
     "anchor folder": {"anchor_weight": ANCHOR_WEIGHT, "anchor_dir": "strangers"},
     "vision:1 + anchor folder": {"scope": "vision:1", "anchor_weight": ANCHOR_WEIGHT, "anchor_dir": "strangers"},

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import linecache
 import os
+import random
 import re
 import tempfile
 import traceback
@@ -283,8 +284,6 @@ def other_answer_samples(loaded: Loaded, items: list[Item], samples: list, views
     """{id(sample): the same picture (view) and question with `per_sample` other answers that `pool` gives
     to the question}, for this rank's picture samples of `items` (cache_samples' order: 1 + views samples
     per picture item, 1 per text item). The answers are drawn per sample, seeded."""
-    import random
-
     answers: dict = {}
     for it in pool:
         if it.answer and it.answer not in answers.setdefault(it.question, []):

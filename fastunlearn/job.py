@@ -111,6 +111,9 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
     phase("answers")
 
     sets = cache(loaded, requests, retain_items, held_images, cfg, ranks)
+    if cfg.other_answers and not any(sets.others.values()):
+        log("note: --other-answers: the folders give no other answer to any forget question (a --retain folder "
+            "with the same questions gives some); the term is off")
     phase("cache")
 
     params = master_params(loaded)

@@ -86,3 +86,17 @@ def test_a_step_adds_npo_against_the_other_answers(job_parts):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6 * float(e.abs().max()))
     for p in trainable.values():
         p.requires_grad_(False)
+
+
+def test_no_other_answer_in_the_folders_is_said_in_one_line(tmp_path):
+    """One forgotten person and no retain folder: no other answer to draw, the job says so and runs."""
+    from conftest import asset
+    from fastunlearn.job import unlearn
+    from fastunlearn.worlds import people as world
+
+    world.write_folder(tmp_path / "forget", (1,), 2, seed=5)
+    lines = []
+    unlearn(asset("llava"), tmp_path / "forget", None, Config(steps=1, views=0, other_answers=3, holdout=False,
+                                                             device="cpu"), log=lines.append)
+    notes = [line for line in lines if "--other-answers" in line]
+    assert len(notes) == 1 and "no other answer" in notes[0] and "\n" not in notes[0]
