@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -46,23 +47,37 @@ def with_options(items: list[Item], pool: list[Item] | None = None, k: int = 4, 
                  kind=lambda item: item.question) -> list[Question]:
     """Multiple-choice questions: each item's answer plus up to k-1 other answers that `pool` (default:
     the items themselves) gives to questions of the same kind (default: the same question), chosen and
-    ordered deterministically."""
+    ordered deterministically from the picture's content (not its path: a copy of a folder elsewhere gets
+    the same options), the question and the answer."""
     answers_by_question: dict[str, list[str]] = {}
     for it in (pool if pool is not None else items):
         options = answers_by_question.setdefault(kind(it), [])
         if it.answer and it.answer not in options:
             options.append(it.answer)
-    questions = []
+    questions, digests = [], {}
     for it in items:
         if not it.answer:
             raise UserError("multiple choice needs an answer for every item")
-        key = f"{seed}:{it.image}:{it.question}:{it.answer}".encode()
+        if it.image not in digests:
+            digests[it.image] = picture_digest(it.image)
+        key = f"{seed}:{digests[it.image]}:{it.question}:{it.answer}".encode()
         rng = random.Random(hashlib.sha256(key).digest())
         others = sorted(a for a in answers_by_question.get(kind(it), []) if a != it.answer)
         options = rng.sample(others, min(k - 1, len(others))) + [it.answer]
         rng.shuffle(options)
         questions.append(Question(it.image, it.question, it.answer, options, it.subject))
     return questions
+
+
+def picture_digest(image) -> str:
+    """The sha256 of a picture's bytes ("" for a text-only item; the path where it cannot be read: loading
+    it later says why)."""
+    if image is None:
+        return ""
+    try:
+        return hashlib.sha256(Path(image).read_bytes()).hexdigest()
+    except OSError:
+        return str(image)
 
 
 def contains_answer(output: str, answer: str) -> bool:

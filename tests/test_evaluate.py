@@ -30,6 +30,17 @@ def test_multiple_choice_options():
     assert any("z" in q.options for q in kinds[:6])
 
 
+def test_options_follow_the_picture_not_its_path(tmp_path):
+    """A copy of a folder elsewhere gets the same options (the benchmark's workdirs differ per run)."""
+    import shutil
+
+    world.write_folder(tmp_path / "a", (0, 1, 2, 3, 4), 3, seed=7)
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
+    here, there = (ev.with_options(visual_items(folder, range(5))) for folder in (tmp_path / "a", tmp_path / "elsewhere" / "b"))
+    assert [q.options for q in here] == [q.options for q in there]
+    assert len({tuple(q.options) for q in here}) > 1
+
+
 def test_contains_answer_and_chosen_options():
     assert ev.contains_answer("I think that is bruno tanaka, yes", "Bruno Tanaka")
     assert not ev.contains_answer("Bruno", "Bruno Tanaka")
