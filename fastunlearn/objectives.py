@@ -5,6 +5,9 @@ NPO     L = -(2/beta) * mean_i logsigmoid(beta * (nll_i - ref_i)),
         once an answer is beta-times less likely than under the reference.
 SimNPO  L = -(2/beta) * mean_i logsigmoid(beta * nll_i / len_i - gamma): reference-free, length-normalised.
 GA      L = -mean_i nll_i (unbounded: it destroys the projector unless stopped early).
+Other   (--other-answers) NPO again, with ref_i = -log mean_j exp(-nll_ij), nll_ij the NLL of the j-th of
+        M other answers to the same question on the same picture under the current parameters (no gradient):
+        it pushes the forgotten answer until it is no more likely than someone else's (optimise.other_reference).
 Retain  mean per-token NLL of the retain answers, added with weight `retain_weight`.
 GradDiff = GA + retain.
 """

@@ -1,5 +1,6 @@
-"""The masked update: NPO (or another objective) on the forget answers plus the retain term,
-AdamW on the fp32 projector masters, only where the mask allows."""
+"""The masked update: NPO (or another objective) on the forget answers (with --other-answers, NPO again
+against other people's answers on the same pictures) plus the retain term, AdamW on the fp32 projector
+masters, only where the mask allows."""
 from __future__ import annotations
 
 import math
@@ -90,14 +91,14 @@ def other_reference(loaded, params: dict, fb, others: dict, per_pass: int, per_s
 
 def step_gradients(loaded, trainable: dict, fb, rb, cfg: Config, per_pass: int, ranks: Ranks = ONE_PROCESS,
                    other_ref: torch.Tensor | None = None) -> tuple[list, float]:
-    """This rank's share of the gradient and value of one step's loss, forget_loss(forget batch) (+ NPO with
-    `other_ref`, the other answers' reference, as the reference) + retain_weight * retain_nll(retain batch), with its sequences of the step (forget, then retain)
-    run through the frozen LLM `per_pass` at a time: one pass when it holds them all (fewer, larger
-    matmuls), several to bound the activations held at once. Each term is a mean over the whole
-    batch's sequences (forget) or answer tokens (retain), every rank's (`global_seqs`,
-    `global_tokens`), so a pass adds its sequences' share of each term: summed over the passes and
-    the ranks, the loss and gradient of one pass over everything, to fp32 rounding. With a sharded
-    LLM, zero-weight stand-ins make this rank's passes as many as any rank's."""
+    """This rank's share of the gradient and value of one step's loss, forget_loss(forget batch) (+ NPO against
+    `other_ref`, the other answers' reference) + retain_weight * retain_nll(retain batch), with its sequences of
+    the step (forget, then retain) run through the frozen LLM `per_pass` at a time: one pass when it holds them
+    all (fewer, larger matmuls), several to bound the activations held at once. Each term is a mean over the
+    whole batch's sequences (forget) or answer tokens (retain), every rank's (`global_seqs`, `global_tokens`),
+    so a pass adds its sequences' share of each term: summed over the passes and the ranks, the loss and
+    gradient of one pass over everything, to fp32 rounding. With a sharded LLM, zero-weight stand-ins make this
+    rank's passes as many as any rank's."""
     seqs = [("forget", k, s) for k, s in enumerate(fb.samples)]
     seqs += [("retain", k, s) for k, s in enumerate(rb.samples)] if rb is not None else []
     widest = fb.widest + (rb.widest if rb is not None else 0)
