@@ -78,6 +78,11 @@ def load_image(path: Path) -> Image.Image:
         raise UserError(f"{path}: unreadable image ({str(e)[:200]})") from None
 
 
+def anchor_items(folder) -> list[Item]:
+    """One item per picture of an --anchor folder (its questions, if any, are not used)."""
+    return first_question_only(read_folder(Path(folder), "anchor"))
+
+
 def first_question_only(items: list[Item]) -> list[Item]:
     """The first item of each picture (text items, with no picture, count as one)."""
     seen, out = set(), []

@@ -25,7 +25,7 @@ import torch
 from . import distributed as dist  # torchrun data parallelism (identity on one process)
 from .batches import make_batches
 from .config import Config, pick_device, seed_everything, trim_heap
-from .data import first_question_only, forget_folders, read_folder
+from .data import anchor_items, forget_folders, read_folder
 from .delta import tensor_changes
 from .errors import UserError
 from .features import RemoteSample, cache_samples, drop_vision_tower, fill_answers, other_answer_samples
@@ -112,8 +112,7 @@ def unlearn(ckpt: Path, forget_dir, retain_dir: Path | None, cfg: Config, log=lo
 
     sets = cache(loaded, requests, retain_items, held_images, cfg, ranks)
     if cfg.other_answers and not any(sets.others.values()):
-        log("note: --other-answers: the folders give no other answer to any forget question (a --retain folder "
-            "with the same questions gives some); the term is off")
+        log("note: --other-answers: the folders give no other answer to any forget question; the term is off")
     phase("cache")
 
     params = master_params(loaded)
@@ -224,11 +223,6 @@ def mixed(samples: list, seed: int) -> list:
     stay in folder order: mixing them too measured no better.)"""
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
     return [samples[i] for i in order]
-
-
-def anchor_items(folder: str) -> list:
-    """One item per picture of an --anchor folder (its questions, if any, are not used)."""
-    return first_question_only(read_folder(Path(folder), "anchor"))
 
 
 def metrics(loaded, params, batches: list, ranks) -> dict:

@@ -260,3 +260,16 @@ class ProcessorAdapter(Adapter):
         if pixel is not None:
             inputs.update(self.feature_inputs(model, pixel))
         return inputs
+
+
+class SiglipAdapter(ProcessorAdapter):
+    """A family whose connector reads SigLIP's last hidden state of each picture (PaliGemma, DeepSeek-VL):
+    `--scope vision:K` runs SigLIP's last K layers on the picture's cached input, then its post-LayerNorm."""
+
+    def tower_stack(self, model):
+        return siglip_stack(model)
+
+    def project_one(self, model, module, params, features, grid):
+        if self.edited:
+            features = siglip_layers(self, params, features[None])[0]
+        return super().project_one(model, module, params, features, grid)

@@ -8,10 +8,10 @@ model_type; DeepSeek-VL hybrid ("deepseek_vl_hybrid", with a second high-resolut
 covered. `--scope vision:K`: the last K of SigLIP's layers, then its post-LayerNorm as stored."""
 from __future__ import annotations
 
-from .common import ProcessorAdapter, siglip_layers, siglip_stack
+from .common import SiglipAdapter
 
 
-class DeepseekVLAdapter(ProcessorAdapter):
+class DeepseekVLAdapter(SiglipAdapter):
     family = "deepseek_vl"
     model_types = ("deepseek_vl",)
     processor_class = "DeepseekVLProcessor"
@@ -20,11 +20,3 @@ class DeepseekVLAdapter(ProcessorAdapter):
     projector_prefix = "aligner."
     pooler_output_tensor = True
     batch_views = True
-
-    def tower_stack(self, model):
-        return siglip_stack(model)
-
-    def project_one(self, model, module, params, features, grid):
-        if self.edited:
-            features = siglip_layers(self, params, features[None])[0]
-        return super().project_one(model, module, params, features, grid)

@@ -9,24 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from .common import ProcessorAdapter, siglip_layers, siglip_stack
+from .common import SiglipAdapter
 
 
-class PaliGemmaAdapter(ProcessorAdapter):
+class PaliGemmaAdapter(SiglipAdapter):
     family = "paligemma"
     model_types = ("paligemma",)
     processor_class = "PaliGemmaProcessor"
     processor_module = "paligemma"
     pooler_output_tensor = True
     batch_views = True
-
-    def tower_stack(self, model):
-        return siglip_stack(model)
-
-    def project_one(self, model, module, params, features, grid):
-        if self.edited:
-            features = siglip_layers(self, params, features[None])[0]
-        return super().project_one(model, module, params, features, grid)
 
     def prompt(self, processor, question, with_image):
         bos = processor.tokenizer.bos_token or ""
