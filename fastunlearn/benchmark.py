@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import hashlib
 import json
 import math
 import re
@@ -64,6 +63,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import safetensors_io as st
 from .data import DEFAULT_QUESTIONS, KINDS, Item, _lines, kind_and_options, read_folder
 from .errors import UserError
 
@@ -203,10 +203,6 @@ class Task:
     answer: str  # the reference answer; for a choice, the correct option's letter
 
 
-def _picture_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def make_task(benchmark: str, item: Item, set_name: str = "") -> Task | None:
     """The benchmark's prompt for one question of a set, or None when the benchmark has no such
     question."""
@@ -216,7 +212,7 @@ def make_task(benchmark: str, item: Item, set_name: str = "") -> Task | None:
         if item.image is not None and (item.question == WHO or set_name == "celebrity"):  # real_faces: random_faces
             return Task(item, NAME_PROMPT, "name", item.answer)
         if item.image is not None and item.question == DESCRIBE:
-            question = IMAGE_CAPTION_QUESTIONS[int(_picture_sha256(item.image), 16) % len(IMAGE_CAPTION_QUESTIONS)]
+            question = IMAGE_CAPTION_QUESTIONS[int(st.sha256_file(item.image), 16) % len(IMAGE_CAPTION_QUESTIONS)]
             return Task(item, question, "caption", item.answer)
         return Task(item, item.question, "qa", item.answer)
     if item.kind == "choice":

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from . import safetensors_io as st
 from .batches import Batch, make_batches
 from .data import Item
 from .errors import UserError
@@ -75,7 +76,7 @@ def picture_digest(image) -> str:
     if image is None:
         return ""
     try:
-        return hashlib.sha256(Path(image).read_bytes()).hexdigest()
+        return st.sha256_file(Path(image))
     except OSError:
         return str(image)
 

@@ -4,7 +4,6 @@ The vision tower is dropped afterwards. Items without an answer get the model's 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import linecache
 import os
 import random
@@ -195,7 +194,7 @@ def _pixels(loaded: Loaded, image: Path, view: int = 0, seed: int = 0) -> dict:
     else:
         picture = load_image(image)
         if view:
-            digest = hashlib.sha256(image.read_bytes()).hexdigest()
+            digest = st.sha256_file(image)
             picture = augmented_view(picture, f"{digest}:{seed}:{view}")
         with processor_errors(loaded, image):
             cache[image, view] = loaded.adapter.pixel_inputs(loaded.processor, picture)

@@ -14,14 +14,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from . import safetensors_io as st
 
 
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _file_sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def describe_items(items) -> dict:
@@ -32,7 +29,7 @@ def describe_items(items) -> dict:
         "subjects_sha256": sorted({_sha(it.subject) for it in items if it.subject}),
         "items_sha256": [
             {
-                "image": _file_sha(it.image) if it.image is not None else None,
+                "image": st.sha256_file(Path(it.image)) if it.image is not None else None,
                 "question": _sha(it.question),
                 "answer": _sha(it.answer or ""),
             }
