@@ -282,18 +282,21 @@ def other_answer_samples(loaded: Loaded, items: list[Item], samples: list, views
                          per_sample: int, seed: int) -> dict:
     """{id(sample): the same picture (view) and question with `per_sample` other answers that `pool` gives
     to the question}, for this rank's picture samples of `items` (cache_samples' order: 1 + views samples
-    per picture item, 1 per text item). The answers are drawn per sample, seeded."""
+    per picture item, 1 per text item). The answers are drawn per sample, seeded by the picture's bytes (the
+    same folder copied elsewhere draws the same)."""
     answers: dict = {}
     for it in pool:
         if it.answer and it.answer not in answers.setdefault(it.question, []):
             answers[it.question].append(it.answer)
     expanded = [it for it in items for _ in range(1 if it.image is None else 1 + views)]
-    out = {}
+    out, digests = {}, {}
     for it, sample in zip(expanded, samples):
         if it.image is None or isinstance(sample, RemoteSample):
             continue
         others = sorted(a for a in answers.get(it.question, []) if a != it.answer)
-        rng = random.Random(f"{seed}:{it.image}:{it.question}:{sample.view}")
+        if it.image not in digests:
+            digests[it.image] = st.sha256_file(it.image)
+        rng = random.Random(f"{seed}:{digests[it.image]}:{it.question}:{sample.view}")
         pixel = _pixels(loaded, it.image, sample.view, seed)
         out[id(sample)] = [
             Sample(enc.input_ids, enc.answer_start, sample.features, sample.grid, sample.view)

@@ -1,6 +1,7 @@
 """`--other-answers M`: NPO a second time on each forget sequence, against how likely M other people's
 answers to the same question are on that picture under the current edit."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -100,3 +101,17 @@ def test_no_other_answer_in_the_folders_is_said_in_one_line(tmp_path):
                                                              device="cpu"), log=lines.append)
     notes = [line for line in lines if "--other-answers" in line]
     assert len(notes) == 1 and "no other answer" in notes[0] and "\n" not in notes[0]
+
+
+def test_the_draw_follows_the_pictures_not_their_paths(job_parts, folders, tmp_path):
+    """The same forget folder copied elsewhere trains on the same other answers."""
+    import shutil
+
+    loaded, forget, samples, _, others, retain = job_parts
+    copy = tmp_path / "copy"
+    shutil.copytree(folders / "forget", copy)
+    moved = [it if it.image is None else replace(it, image=copy / it.image.relative_to(folders / "forget")) for it in forget]
+    again = other_answer_samples(loaded, moved, samples, 1, moved + retain, 3, seed=0)
+    drawn = lambda table: [[a.input_ids.tolist() for a in table[id(s)]] for s in samples if id(s) in table]
+    assert drawn(again) == drawn(others)
+    assert drawn(other_answer_samples(loaded, moved, samples, 1, moved + retain, 3, seed=1)) != drawn(others)
