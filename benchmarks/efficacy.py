@@ -104,6 +104,8 @@ VARIANTS = {
     "vision:1 + anchor 3": {"scope": "vision:1", "anchor_weight": 3.0},  # the anchor term weaker
     # NPO a second time, other people's answers on the same picture as the reference (optimise.other_reference)
     "other answers": {"other_answers": 3},
+    # both ends at once: the tower's last layer with the weaker anchor (retention), other answers (forgetting)
+    "vision:1 + anchor 3 + other answers": {"scope": "vision:1", "anchor_weight": 3.0, "other_answers": 3},
     # and on ANCHOR_PEOPLE pictures of strangers too (--anchor DIR)
     "anchor folder": {"anchor_weight": ANCHOR_WEIGHT, "anchor_dir": "strangers"},
     "vision:1 + anchor folder": {"scope": "vision:1", "anchor_weight": ANCHOR_WEIGHT, "anchor_dir": "strangers"},
@@ -358,6 +360,25 @@ def variant_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def group_table(rows: list[dict]) -> str:
+    """One line per variant, the clip-recipe worlds apart from the others: in how many runs forgetting met
+    the exact-answer target, and the mean beside the worst of multiple choice, retain and twin drops."""
+    head = ["variant"] + [f"{kind}: {what}" for kind in ("clip", "other") for what in
+                          ("exact within chance + 5", "MC mean / worst", "retain mean / worst", "twin mean / worst")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    mean_worst = lambda xs, unit="": f"{sum(xs) / len(xs):.1f}{unit} / {max(xs):.1f}{unit}" if xs else "-"
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        cells = [name]
+        for clip in (True, False):
+            group = [r for r in rows if r["variant"] == name and r["world"].startswith("clip") == clip]
+            within = sum(r["forget_exact"] <= 100 * r["chance"] + 5 + 1e-9 for r in group)
+            cells += [f"{within} / {len(group)}" if group else "-", mean_worst([r["forget_mc"] for r in group], "%"),
+                      mean_worst([r["retain_drop"] for r in group]),
+                      mean_worst([r["twin_drop"] for r in group if r["twin_drop"] is not None])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def goal_table(rows: list[dict], variant: str) -> str:
     """The goal's table for one variant: each target beside its worst case over the runs, the clip-recipe
     worlds apart from the others. Relearning: the fewest steps of any run with the probes (> 40: none got
@@ -425,6 +446,8 @@ def main():
         print(worst_table(rows, any("relearn" in r for r in rows)))
         print()
         print(variant_table(rows))
+        print()
+        print(group_table(rows))
         for name in dict.fromkeys(r["variant"] for r in rows):
             print()
             print(goal_table(rows, name))

@@ -1,9 +1,10 @@
-"""benchmarks/efficacy.py's goal table: each target beside the worst run, clip-recipe worlds apart."""
+"""benchmarks/efficacy.py's goal table (each target beside the worst run) and group table (means beside
+worst cases), clip-recipe worlds apart."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from efficacy import goal_table  # noqa: E402
+from efficacy import goal_table, group_table  # noqa: E402
 
 
 def row(variant, world, seed, exact, mc, retain, twin=None, relearn="absent", text=0.0):
@@ -31,3 +32,15 @@ def test_goal_table_takes_the_worst_run_per_world_kind_and_compares_relearning()
     # 12 steps against the default's "not within 40": fewer; 30 against 20: not fewer
     assert cells["relearning"][1] == "min 12; fewer than the default in 1 of 1"
     assert cells["relearning"][3] == "min 30; fewer than the default in 0 of 1"
+
+
+def test_group_table_counts_forgetting_runs_and_puts_means_beside_worst_cases():
+    rows = [row("v", "clip-recipe", 0, 5, 30, 2.0),
+            row("v", "clip-lookalike", 1, 15, 10, 4.0, twin=40.0),
+            row("v", "bench", 0, 40, 90, 3.0),
+            row("w", "bench", 0, 0, 20, 1.0, twin=10.0)]
+    lines = group_table(rows).splitlines()
+    cells = {line.strip("| ").split(" | ")[0]: line.strip("| ").split(" | ")[1:] for line in lines[2:]}
+    # chance 5%: exact 5 is within chance + 5, 15 is not
+    assert cells["v"] == ["1 / 2", "20.0% / 30.0%", "3.0 / 4.0", "40.0 / 40.0", "0 / 1", "90.0% / 90.0%", "3.0 / 3.0", "-"]
+    assert cells["w"] == ["-", "-", "-", "-", "1 / 1", "20.0% / 20.0%", "1.0 / 1.0", "10.0 / 10.0"]
