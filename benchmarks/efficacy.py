@@ -106,6 +106,8 @@ VARIANTS = {
     "other answers": {"other_answers": 3},
     # both ends at once: the tower's last layer with the weaker anchor (retention), other answers (forgetting)
     "vision:1 + anchor 3 + other answers": {"scope": "vision:1", "anchor_weight": 3.0, "other_answers": 3},
+    # the mean of three jobs' projectors, each with other augmented views (their seeds): three optimisations
+    "average of 3 jobs": {"average": 3},
     # and on ANCHOR_PEOPLE pictures of strangers too (--anchor DIR)
     "anchor folder": {"anchor_weight": ANCHOR_WEIGHT, "anchor_dir": "strangers"},
     "vision:1 + anchor folder": {"scope": "vision:1", "anchor_weight": ANCHOR_WEIGHT, "anchor_dir": "strangers"},
@@ -213,6 +215,7 @@ def run_setting(w, world_name, family, ckpt, n_forget, seed, variants, workdir, 
     for name, overrides in variants.items():
         overrides = dict(overrides)
         updates = overrides.pop("updates", "projector")
+        jobs = overrides.pop("average", 1)  # the mean of this many jobs' projectors (seeds seed, seed + 1000, ...)
         if overrides.get("anchor_dir") == "strangers":
             overrides["anchor_dir"] = str(write_anchor_folder(folders, seed))
         cfg = replace(Config(), device="cpu", seed=seed, **overrides)
@@ -221,9 +224,10 @@ def run_setting(w, world_name, family, ckpt, n_forget, seed, variants, workdir, 
         started = time.perf_counter()
         params, llm = dict(bench.original), {}
         if updates == "projector":
-            result = unlearn(ckpt, folders / "forget", folders / "retain", cfg, log=lambda *a: None)
-            by_stored = {stored: n for n, stored in bench.loaded.names.items()}
-            params.update({by_stored[c["name"]]: c["new"].float() for c in result["changes"]})
+            runs = [unlearn(ckpt, folders / "forget", folders / "retain", replace(cfg, seed=seed + 1000 * k),
+                            log=lambda *a: None) for k in range(jobs)]
+            result = runs[0]
+            params.update(mean_projector(bench.original, [run["changes"] for run in runs], bench.loaded.names))
         else:
             result = run_full_model(ckpt, folders / "forget", folders / "retain", cfg)
             params.update({n: t.float() for n, t in result["projector"].items()})
@@ -244,6 +248,17 @@ def run_setting(w, world_name, family, ckpt, n_forget, seed, variants, workdir, 
             f"twin drop {row['twin_drop'] if row['twin_drop'] is not None else '-'}, kept step {row['steps_kept']}, "
             f"warnings {row['job_warnings']}, {wall:.0f}s")
     return rows
+
+
+def mean_projector(original: dict, changes: list[list[dict]], names: dict) -> dict:
+    """The mean of several jobs' projectors, fp32, over the tensors any of them changed (`changes`: each job's
+    result["changes"]; `names`: in-memory name -> stored name). A tensor a job left alone counts as the
+    original in the mean."""
+    by_stored, new = {stored: n for n, stored in names.items()}, {}
+    for job in changes:
+        for c in job:
+            new.setdefault(by_stored[c["name"]], []).append(c["new"].float())
+    return {n: (sum(v) + original[n].float() * (len(changes) - len(v))) / len(changes) for n, v in new.items()}
 
 
 def summarise(before, after, probes) -> dict:

@@ -1,10 +1,11 @@
 """benchmarks/efficacy.py's goal table (each target beside the worst run) and group table (means beside
-worst cases), clip-recipe worlds apart."""
+worst cases), clip-recipe worlds apart; the mean of several jobs' projectors."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from efficacy import goal_table, group_table  # noqa: E402
+import torch  # noqa: E402
+from efficacy import goal_table, group_table, mean_projector  # noqa: E402
 
 
 def row(variant, world, seed, exact, mc, retain, twin=None, relearn="absent", text=0.0):
@@ -44,3 +45,14 @@ def test_group_table_counts_forgetting_runs_and_puts_means_beside_worst_cases():
     # chance 5%: exact 5 is within chance + 5, 15 is not
     assert cells["v"] == ["1 / 2", "20.0% / 30.0%", "3.0 / 4.0", "40.0 / 40.0", "0 / 1", "90.0% / 90.0%", "3.0 / 3.0", "-"]
     assert cells["w"] == ["-", "-", "-", "-", "1 / 1", "20.0% / 20.0%", "1.0 / 1.0", "10.0 / 10.0"]
+
+
+def test_the_mean_of_jobs_counts_an_untouched_tensor_as_the_original():
+    original = {"a": torch.zeros(2), "b": torch.ones(2), "c": torch.full((2,), 5.0)}
+    names = {"a": "proj.a", "b": "proj.b", "c": "proj.c"}
+    jobs = [[{"name": "proj.a", "new": torch.tensor([3.0, 6.0])}],
+            [{"name": "proj.a", "new": torch.tensor([1.0, 0.0])}, {"name": "proj.b", "new": torch.tensor([4.0, 7.0])}]]
+    mean = mean_projector(original, jobs, names)
+    assert set(mean) == {"a", "b"}  # c: no job changed it
+    torch.testing.assert_close(mean["a"], torch.tensor([2.0, 3.0]))
+    torch.testing.assert_close(mean["b"], torch.tensor([2.5, 4.0]))  # (1 + 4) / 2, (1 + 7) / 2
