@@ -15,9 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fastunlearn.worlds import same_bits_on_any_x86  # noqa: E402
+
+same_bits_on_any_x86()
+import torch  # noqa: E402
+
 from fastunlearn.worlds import bench as bw  # noqa: E402
 from fastunlearn.worlds import training  # noqa: E402
 
@@ -56,12 +59,13 @@ def main():
         ckpt = args.out / folder
         if ckpt.exists():
             shutil.rmtree(ckpt)
-        training.save(model, family, parts, ckpt)
+        weights = training.save(model, family, parts, ckpt)
         result = bw.evaluate(model, family, parts, w, seed=bw.BENCH["eval_seed"])
-        print(f"[{family}] trained {steps} steps in {seconds:.0f}s; held-out accuracy: {result}", flush=True)
+        print(f"[{family}] trained {steps} steps in {seconds:.0f}s; held-out accuracy: {result}; weights {weights}",
+              flush=True)
         latest = json.loads(info_path.read_text()) if info_path.exists() else info  # another build may have written
         info["results"] = {**info["results"], **latest.get("results", {}),
-                           family: dict(steps=steps, train_seconds=round(seconds, 1), **result)}
+                           family: dict(steps=steps, train_seconds=round(seconds, 1), weights_sha256=weights, **result)}
         info_path.write_text(json.dumps(info, indent=2) + "\n")
 
 

@@ -11,16 +11,20 @@ loss, caption retrieval accuracy) and shared by both worlds; delete them to pret
 pictures per person and question, every text fact), as scripts/build_bench_world.py does.
 """
 import argparse
+import hashlib
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fastunlearn.worlds import same_bits_on_any_x86  # noqa: E402
+
+same_bits_on_any_x86()
+import torch  # noqa: E402
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastunlearn.worlds import bench as bw  # noqa: E402
 from fastunlearn.worlds import clip_recipe as cr  # noqa: E402
 from fastunlearn.worlds import training  # noqa: E402
@@ -46,9 +50,10 @@ def tower(family: str, towers: Path, steps: int) -> tuple[dict, dict]:
                 loss_last100=round(sum(losses[-100:]) / len(losses[-100:]), 4),
                 retrieval_named=cr.retrieval_accuracy(family, pieces, named, seed=bw.BENCH["eval_seed"]),
                 retrieval_population=cr.retrieval_accuracy(family, pieces, looks[:200], seed=bw.BENCH["eval_seed"]))
-    print(f"[{family} tower] pretrained {steps} steps in {seconds:.0f}s: {info}", flush=True)
     towers.mkdir(parents=True, exist_ok=True)
     save_file({n: t.contiguous() for n, t in state.items()}, weights)
+    info["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    print(f"[{family} tower] pretrained {steps} steps in {seconds:.0f}s: {info}", flush=True)
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     return state, info
 
@@ -81,16 +86,17 @@ def main():
         ckpt = args.out / folder
         if ckpt.exists():
             shutil.rmtree(ckpt)
-        training.save(model, family, parts, ckpt)
+        weights = training.save(model, family, parts, ckpt)
         result = bw.evaluate(model, family, parts, w, seed=bw.BENCH["eval_seed"])
         print(f"[{family}] {args.world}: projector {args.projector_steps} + projector/LLM {steps} steps in "
-              f"{seconds:.0f}s; held-out accuracy: {result}", flush=True)
+              f"{seconds:.0f}s; held-out accuracy: {result}; weights {weights}", flush=True)
         info_path = args.out / "world.json"
         info = json.loads(info_path.read_text()) if info_path.exists() else {}  # the other family's build may have written
         info.update(world=args.world, bench=bw.BENCH, clip=cr.CLIP, people=[dict(p) for p in w.people],
                     torch=torch.__version__)
         info.setdefault("results", {})[family] = dict(projector_steps=args.projector_steps, steps=steps,
-                                                      train_seconds=round(seconds, 1), tower=tower_info, **result)
+                                                      train_seconds=round(seconds, 1), weights_sha256=weights,
+                                                      tower=tower_info, **result)
         info_path.write_text(json.dumps(info, indent=2) + "\n")
 
 

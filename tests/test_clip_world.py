@@ -1,10 +1,16 @@
 """The clip-recipe world's builder on a tiny population: the contrastive pretraining learns, and the
 tower stays frozen while the projector and the LLM are trained on top of it."""
+import os
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from fastunlearn.worlds import bench as bw
+from fastunlearn.worlds import same_bits_on_any_x86
 from fastunlearn.worlds import clip_recipe as cr
 
 
@@ -37,3 +43,15 @@ def test_pretraining_lowers_the_loss_and_the_tower_stays_frozen(family):
     changed = {n for n, p in fresh.named_parameters() if not torch.equal(p, trained[n])}
     assert any("multi_modal_projector" in n or "merger" in n for n in changed)  # the projector moved
     assert any("language_model" in n for n in changed)  # and so did the LLM
+
+
+def test_world_builders_pin_the_cpu_kernels_before_torch_loads():
+    with pytest.raises(RuntimeError, match="before torch is imported"):
+        same_bits_on_any_x86()  # torch is loaded here: the pin would do nothing
+    if platform.machine() in ("x86_64", "AMD64"):
+        probe = ("from fastunlearn.worlds import same_bits_on_any_x86; same_bits_on_any_x86(); import torch; "
+                 "print(torch.backends.cpu.get_cpu_capability())")
+        pins = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+        env = {k: v for k, v in os.environ.items() if k not in pins}
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+        assert out.stdout.split()[-1] == "AVX2"

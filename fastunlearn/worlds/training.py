@@ -9,6 +9,7 @@ trains and saves the demo pair.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -298,8 +299,9 @@ def evaluate(model, family: str, parts, seed: int, n_per_person: int = 20,
 # Saving and loading
 # ---------------------------------------------------------------------------
 
-def save(model, family: str, parts, out_dir) -> None:
-    """save_pretrained the model (fp32 safetensors) and its processor files."""
+def save(model, family: str, parts, out_dir) -> str:
+    """save_pretrained the model (fp32 safetensors) and its processor files. Returns the first 16 hex digits
+    of the weights file's sha256, to tell whether two builds made the same world."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -311,6 +313,7 @@ def save(model, family: str, parts, out_dir) -> None:
     for f in out_dir.iterdir():
         if f.is_file():
             f.chmod(0o644)  # safetensors writes 0600
+    return hashlib.sha256((out_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
 
 
 def load(ckpt_dir, family: str | None = None):
