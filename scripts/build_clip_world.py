@@ -11,7 +11,6 @@ loss, caption retrieval accuracy) and shared by both worlds; delete them to pret
 pictures per person and question, every text fact), as scripts/build_bench_world.py does.
 """
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -25,6 +24,7 @@ same_bits_on_any_x86()
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file
 
+from fastunlearn.safetensors_io import sha256_file  # noqa: E402
 from fastunlearn.worlds import bench as bw  # noqa: E402
 from fastunlearn.worlds import clip_recipe as cr  # noqa: E402
 from fastunlearn.worlds import training  # noqa: E402
@@ -52,7 +52,7 @@ def tower(family: str, towers: Path, steps: int) -> tuple[dict, dict]:
                 retrieval_population=cr.retrieval_accuracy(family, pieces, looks[:200], seed=bw.BENCH["eval_seed"]))
     towers.mkdir(parents=True, exist_ok=True)
     save_file({n: t.contiguous() for n, t in state.items()}, weights)
-    info["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    info["weights_sha256"] = sha256_file(weights)[:16]
     print(f"[{family} tower] pretrained {steps} steps in {seconds:.0f}s: {info}", flush=True)
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     return state, info

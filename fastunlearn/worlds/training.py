@@ -9,7 +9,6 @@ trains and saves the demo pair.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -313,7 +312,9 @@ def save(model, family: str, parts, out_dir) -> str:
     for f in out_dir.iterdir():
         if f.is_file():
             f.chmod(0o644)  # safetensors writes 0600
-    return hashlib.sha256((out_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
+    from ..safetensors_io import sha256_file
+
+    return sha256_file(out_dir / "model.safetensors")[:16]
 
 
 def load(ckpt_dir, family: str | None = None):
