@@ -108,6 +108,8 @@ VARIANTS = {
     "vision:1 + anchor 3 + other answers": {"scope": "vision:1", "anchor_weight": 3.0, "other_answers": 3},
     # the mean of three jobs' projectors, each with other augmented views (their seeds): three optimisations
     "average of 3 jobs": {"average": 3},
+    # the same compute as one default job: is the mean more than a shorter run?
+    "average of 3 jobs of 33 steps": {"average": 3, "steps": 33},
     # and on ANCHOR_PEOPLE pictures of strangers too (--anchor DIR)
     "anchor folder": {"anchor_weight": ANCHOR_WEIGHT, "anchor_dir": "strangers"},
     "vision:1 + anchor folder": {"scope": "vision:1", "anchor_weight": ANCHOR_WEIGHT, "anchor_dir": "strangers"},
@@ -454,10 +456,11 @@ def main():
     ap.add_argument("--probe-seeds", nargs="*", type=int, help="with --probes: only on these seeds (default: all)")
     ap.add_argument("--workdir", type=Path, default=Path("build/efficacy"))
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--table", type=Path, nargs="+", help="print the worst-case table of these JSON files and exit")
+    ap.add_argument("--table", type=Path, nargs="+",
+                    help="print the worst-case tables of these JSON files' rows (those of --seeds) and exit")
     args = ap.parse_args()
     if args.table:
-        rows = [r for f in args.table for r in json.loads(f.read_text())["rows"]]
+        rows = [r for f in args.table for r in json.loads(f.read_text())["rows"] if r["seed"] in args.seeds]
         print(worst_table(rows, any("relearn" in r for r in rows)))
         print()
         print(variant_table(rows))

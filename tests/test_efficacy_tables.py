@@ -1,5 +1,7 @@
 """benchmarks/efficacy.py's goal table (each target beside the worst run) and group table (means beside
-worst cases), clip-recipe worlds apart; the mean of several jobs' projectors."""
+worst cases), clip-recipe worlds apart; the mean of several jobs' projectors; tables of saved runs."""
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,3 +58,18 @@ def test_the_mean_of_jobs_counts_an_untouched_tensor_as_the_original():
     assert set(mean) == {"a", "b"}  # c: no job changed it
     torch.testing.assert_close(mean["a"], torch.tensor([2.0, 3.0]))
     torch.testing.assert_close(mean["b"], torch.tensor([2.5, 4.0]))  # (1 + 4) / 2, (1 + 7) / 2
+
+
+def test_tables_of_saved_runs_keep_the_draws_asked_for(tmp_path):
+    rows = [dict(row("v", "bench", seed, 0, 25, retain), retain_mc_drop=0.0, text_exact_drop=0.0, steps_kept=None,
+                 job_warnings=0) for seed, retain in ((0, 2.0), (3, 30.0))]
+    (tmp_path / "runs.json").write_text(json.dumps({"rows": rows}))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "efficacy.py"
+
+    def variant_line(*seeds):
+        out = subprocess.run([sys.executable, str(script), "--table", str(tmp_path / "runs.json"), "--seeds", *seeds],
+                             capture_output=True, text=True, check=True).stdout
+        return next(line for line in out.splitlines() if line.startswith("| v | "))
+
+    assert variant_line("0").split(" | ")[1] == "1" and " 2.0 | " in variant_line("0")
+    assert variant_line("0", "3").split(" | ")[1] == "2" and " 30.0 | " in variant_line("0", "3")
