@@ -71,5 +71,6 @@ def test_tables_of_saved_runs_keep_the_draws_asked_for(tmp_path):
                              capture_output=True, text=True, check=True).stdout
         return next(line for line in out.splitlines() if line.startswith("| v | "))
 
-    assert variant_line("0").split(" | ")[1] == "1" and " 2.0 | " in variant_line("0")
-    assert variant_line("0", "3").split(" | ")[1] == "2" and " 30.0 | " in variant_line("0", "3")
+    first, both = variant_line("0"), variant_line("0", "3")
+    assert first.split(" | ")[1] == "1" and " 2.0 | " in first
+    assert both.split(" | ")[1] == "2" and " 30.0 | " in both
